@@ -1,0 +1,32 @@
+"""Property-testing kit: run sharded code on gloo ranks and compare it with references.
+
+    from foldmesh.testing import RankPool, folds, assert_close_to_reference
+
+    @pytest.fixture(scope="module")
+    def pool():
+        with RankPool(8) as p:
+            yield p
+
+    @given(fold=folds(8), seed=st.integers(0, 2**16))
+    def test_mine(pool, fold, seed):
+        pool.run(check_mine, fold, seed)    # check_mine: a module-level function
+
+Hypothesis draws in the test process; every rank runs the same example.
+"""
+
+from ._compare import TOLERANCES, assert_close_to_reference, full
+from ._pool import RankError, RankPool, RankTimeout, folded_mesh
+from ._strategies import all_folds, factorizations, folds
+
+__all__ = [
+    "TOLERANCES",
+    "RankError",
+    "RankPool",
+    "RankTimeout",
+    "all_folds",
+    "assert_close_to_reference",
+    "factorizations",
+    "folded_mesh",
+    "folds",
+    "full",
+]

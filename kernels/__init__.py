@@ -1,0 +1,1 @@
+"""Triton MoE dispatch kernels with torch references."""
