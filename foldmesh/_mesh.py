@@ -123,7 +123,8 @@ class FoldedMesh:
         """Destroy every process group these views created (not the default group).
 
         Long-lived programs build one FoldedMesh; tests that build many release them here,
-        since each gloo group keeps its own threads and sockets. Call it on every rank.
+        since each gloo group keeps its own threads and sockets. Call it on every rank, and
+        only once no DTensor on these meshes is used again: DTensor caches layouts per mesh.
         """
         meshes = [self.attn, self.moe, *self._named.values()]
         names = {n for m in meshes for n in getattr(m, "_dim_group_names", [])}

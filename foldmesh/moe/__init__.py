@@ -1,5 +1,18 @@
-"""MoE building blocks as plain modules; parallelism is applied from outside."""
+"""MoE layer: router, token dispatch over the folded MoE view, experts, shared expert."""
 
+from .experts import GroupedExperts, SharedExpert
+from .layer import MoE, MoEConfig
+from .parallel import apply_moe_parallel
 from .router import Reductions, Router, RouterConfig, RouterOutput
 
-__all__ = ["Reductions", "Router", "RouterConfig", "RouterOutput"]
+__all__ = [
+    "GroupedExperts",
+    "MoE",
+    "MoEConfig",
+    "Reductions",
+    "Router",
+    "RouterConfig",
+    "RouterOutput",
+    "SharedExpert",
+    "apply_moe_parallel",
+]

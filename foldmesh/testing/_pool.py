@@ -21,7 +21,6 @@ import pickle
 import socket
 import time
 import traceback
-from collections import OrderedDict
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -174,24 +173,19 @@ class RankPool:
         self.close()
 
 
-_MESHES: OrderedDict = OrderedDict()
-_MAX_MESHES = 8
+_MESHES: dict = {}
 
 
 def folded_mesh(fold, device_type: str = "cpu"):
     """Inside a rank: the folded mesh of ``fold``, built once per process and then reused.
 
-    Building creates process groups, a collective step whose cost grows with the number of
-    live groups; reusing the last few meshes across hypothesis examples and destroying older
-    ones keeps a long test fast. Every rank runs the same examples in the same order, so every
-    rank builds and destroys the same meshes in the same order.
+    Building creates process groups, a collective step; reusing meshes across hypothesis
+    examples keeps a test from creating thousands of groups. Meshes are never destroyed here:
+    DTensor caches layouts per mesh, and a cached layout may outlive a destroyed mesh. Every
+    rank runs the same examples in the same order, so every rank builds the same meshes in
+    the same order.
     """
     key = (fold, device_type)
-    if key in _MESHES:
-        _MESHES.move_to_end(key)
-        return _MESHES[key]
-    if len(_MESHES) >= _MAX_MESHES:
-        _, old = _MESHES.popitem(last=False)
-        old.destroy()
-    _MESHES[key] = fold.build(device_type)
+    if key not in _MESHES:
+        _MESHES[key] = fold.build(device_type)
     return _MESHES[key]

@@ -1,0 +1,75 @@
+"""Routed experts (grouped SwiGLU) and the shared expert, as plain modules.
+
+Dimension legend: M expert-contiguous rows, H hidden, F expert FFN size, E experts (the local
+experts when the weights are shards), S shared-expert FFN size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import swiglu_experts
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts computed together with the grouped GEMM.
+
+    Weights: ``w_gate`` and ``w_up`` [E, H, F], ``w_down`` [E, F, H]. Gate and up are separate
+    parameters so that splitting F over etp keeps each rank's gate and up columns paired
+    (a fused [E, H, 2F] parameter split on its last dim would not).
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, init_std: float = 0.02,
+                 *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.init_std = init_std
+        self.w_gate = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_size, **kw))
+        self.w_up = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_size, **kw))
+        self.w_down = nn.Parameter(torch.empty(num_experts, ffn_size, hidden_size, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w in (self.w_gate, self.w_up, self.w_down):
+            nn.init.normal_(w, std=self.init_std)
+
+    def forward(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """tokens [M, H] grouped by expert, counts [E] int64 rows per expert -> [M, H]."""
+        return self.compute(tokens, counts, self.w_gate, self.w_up, self.w_down)
+
+    @staticmethod
+    def compute(tokens, counts, w_gate, w_up, w_down) -> torch.Tensor:
+        """The expert FFN on explicit (possibly local-shard) weights; rows past
+        ``counts.sum()`` give zeros. With F split over etp the result is a partial sum."""
+        w_gate_up = torch.cat([w_gate, w_up], dim=2).to(tokens.dtype)
+        return swiglu_experts(tokens, w_gate_up, w_down.to(tokens.dtype), counts)
+
+
+class SharedExpert(nn.Module):
+    """A dense SwiGLU MLP every token goes through, optionally scaled by a sigmoid gate
+    (Qwen2-MoE): ``out = sigmoid(x @ g) * down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden_size: int, ffn_size: int, gated: bool = False,
+                 init_std: float = 0.02, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype, bias=False)
+        self.init_std = init_std
+        self.gate_proj = nn.Linear(hidden_size, ffn_size, **kw)
+        self.up_proj = nn.Linear(hidden_size, ffn_size, **kw)
+        self.down_proj = nn.Linear(ffn_size, hidden_size, **kw)
+        self.gate = nn.Linear(hidden_size, 1, **kw) if gated else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in (self.gate_proj, self.up_proj, self.down_proj, self.gate):
+            if m is not None:
+                nn.init.normal_(m.weight, std=self.init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., H] -> [..., H]."""
+        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate is not None:
+            out = torch.sigmoid(self.gate(x)) * out
+        return out

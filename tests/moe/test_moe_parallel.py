@@ -1,0 +1,304 @@
+"""The folded MoE layer equals a single-process reference MoE, values and gradients.
+
+The reference is written here independently: routing by hand, a plain loop over tokens and
+experts, and the per-rank capacity rule applied to each rank's own (rank-major) tokens.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.debug import CommDebugMode
+
+from foldmesh import Fold, FoldError
+from foldmesh.moe import MoE, MoEConfig, RouterConfig, apply_moe_parallel
+from foldmesh.testing import RankPool, assert_close_to_reference, folded_mesh, folds
+
+WORLD = 8
+H, FFN, SHARED = 6, 4, 5
+ATTN = (Shard(0), Shard(1), Shard(1))
+ROUTERS = {
+    "mixtral": dict(score_function="softmax", pre_softmax=False),
+    "softmax_pre": dict(score_function="softmax", pre_softmax=True),
+    "sigmoid_norm": dict(score_function="sigmoid", normalize_topk=True, scaling_factor=2.0),
+}
+# fp32 model against a float64-routed reference; gradients sum many O(1) terms
+GRAD_TOL = dict(rtol=1e-3, atol=1e-4)
+SETTINGS = settings(max_examples=12, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with RankPool(WORLD, timeout=120) as p:
+        yield p
+
+
+# ----------------------------------------------------------------------------- reference
+def ref_route(x, w, k, score_function, pre_softmax=False, normalize_topk=False,
+              scaling_factor=1.0):
+    logits = x.double() @ w.double().T
+    if score_function == "softmax" and not pre_softmax:
+        top, idx = logits.topk(k, dim=-1)
+        probs = top.softmax(-1)
+    else:
+        scores = logits.softmax(-1) if score_function == "softmax" else logits.sigmoid()
+        probs, idx = scores.topk(k, dim=-1)
+        if normalize_topk:
+            probs = probs / (probs.sum(-1, keepdim=True) + 1e-20)
+    return probs * scaling_factor, idx
+
+
+def ref_keep(idx, probs, E, capacity, policy):
+    """Per-rank capacity rule on one rank's copies: which (t, j) survive."""
+    keep = torch.ones_like(idx, dtype=torch.bool)
+    if capacity is None:
+        return keep
+    for e in range(E):
+        copies = [(t, j) for t in range(idx.shape[0]) for j in range(idx.shape[1])
+                  if idx[t, j] == e]
+        if policy == "probs":
+            copies.sort(key=lambda c: (-float(probs[c]), c[0]))
+        for c in copies[capacity:]:
+            keep[c] = False
+    return keep
+
+
+def ref_expert(x, wg, wu, wd):
+    return (F.silu(x @ wg) * (x @ wu)) @ wd
+
+
+def ref_moe(blocks, params, k, E, router, cf, policy, shared_gate):
+    """blocks: each rank's [n, H] tokens (rank-major); returns each rank's [n, H] output."""
+    outs = []
+    for x in blocks:
+        probs, idx = ref_route(x, params["router"], k, **router)
+        cap = None if cf is None else math.ceil(x.shape[0] * k / E * cf)
+        keep = ref_keep(idx, probs, E, cap, policy)
+        out = torch.zeros_like(x)
+        for t in range(x.shape[0]):
+            for j in range(k):
+                if keep[t, j]:
+                    e = int(idx[t, j])
+                    y = ref_expert(x[t], params["w_gate"][e], params["w_up"][e],
+                                   params["w_down"][e])
+                    out[t] = out[t] + probs[t, j].to(x.dtype) * y
+        if "shared" in params:
+            g, u, d, gate = params["shared"]
+            s = (F.silu(x @ g.T) * (x @ u.T)) @ d.T
+            if shared_gate:
+                s = torch.sigmoid(x @ gate.T) * s
+            out = out + s
+        outs.append(out)
+    return outs
+
+
+# ----------------------------------------------------------------------------- the check
+def build(E, k, router, cf, policy, pad, shared, shared_gate, seed):
+    torch.manual_seed(seed)
+    rc = RouterConfig(hidden_size=H, num_experts=E, topk=k, init_std=0.5, **ROUTERS[router])
+    mc = MoEConfig(ffn_size=FFN, capacity_factor=cf, drop_policy=policy, pad_to_capacity=pad,
+                   shared_ffn_size=SHARED if shared else 0, shared_gate=shared_gate,
+                   init_std=0.5)
+    return MoE(rc, mc)
+
+
+def reference_params(moe):
+    p = {"router": moe.router.weight.detach().clone()}
+    for name in ("w_gate", "w_up", "w_down"):
+        p[name] = getattr(moe.experts, name).detach().clone()
+    if moe.shared_expert is not None:
+        s = moe.shared_expert
+        gate = s.gate.weight.detach().clone() if s.gate is not None else None
+        p["shared"] = [s.gate_proj.weight.detach().clone(), s.up_proj.weight.detach().clone(),
+                       s.down_proj.weight.detach().clone(), gate]
+    for v in list(p.values()):
+        for t in (v if isinstance(v, list) else [v]):
+            if t is not None:
+                t.requires_grad_()
+    return p
+
+
+def rank_blocks(full, fold):
+    """Each stage rank's local [b*s, H] tokens, rank-major (tp fastest, then cp, then dp)."""
+    b, s = full.shape[0] // fold.dp, full.shape[1] // (fold.cp * fold.tp)
+    out = []
+    for d in range(fold.dp):
+        for c in range(fold.cp):
+            for t in range(fold.tp):
+                q = c * fold.tp + t
+                out.append(full[d * b:(d + 1) * b, q * s:(q + 1) * s].reshape(-1, full.shape[2]))
+    return out
+
+
+def check_moe(fold, E, k, router, cf, policy, pad, shared, shared_gate, b, s, skew, seed,
+              dispatcher):
+    fm = folded_mesh(fold)
+    moe = build(E, k, router, cf, policy, pad, shared, shared_gate, seed)
+    params = reference_params(moe)
+    apply_moe_parallel(moe, fm, dispatcher=dispatcher)
+    B, S = b * fold.dp, s * fold.cp * fold.tp
+    torch.manual_seed(seed + 1)
+    full = torch.randn(B, S, H)
+    if skew:  # push every token towards expert 0: uneven routing, empty experts
+        full = full + 3.0 * params["router"][0].detach()
+    grad = torch.randn(B, S, H)
+    # reference on the unsharded batch
+    xr = full.clone().requires_grad_()
+    outs = ref_moe(rank_blocks(xr, fold), params, k, E, ROUTERS[router], cf, policy,
+                   shared_gate)
+    ref_out = torch.cat(outs)
+    loss = (ref_out * torch.cat(rank_blocks(grad, fold))).sum()
+    if loss.requires_grad:  # an empty batch leaves nothing to differentiate
+        loss.backward()
+
+    f = fold
+    sl = slice_of(fm, f, b, s)
+    x = DTensor.from_local(full[sl].clone(), fm.attn_stage, ATTN, run_check=False,
+                           shape=full.shape, stride=full.stride()).requires_grad_()
+    y = moe(x)
+    assert y.placements == ATTN and y.shape == x.shape
+    loss = (y.to_local() * grad[sl]).sum()
+    if B * S:
+        loss.backward()
+
+    assert_close_to_reference(y, ref_out_attn(outs, f, b, s, B, S), name="MoE output",
+                              rtol=1e-4, atol=1e-5)
+    if B * S == 0:
+        return
+    assert_close_to_reference(x.grad, xr.grad, name="input grad", **GRAD_TOL)
+    for name in ("w_gate", "w_up", "w_down"):
+        g = getattr(moe.experts, name).grad
+        assert_close_to_reference(g, grad_of(params[name]), name=f"{name} grad", **GRAD_TOL)
+    stage = fm["dp_cp_tp"].get_group()
+    local = [moe.router.weight]
+    refs = [params["router"]]
+    if shared:
+        sh = moe.shared_expert
+        local += [sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight]
+        refs += params["shared"][:3]
+        if shared_gate:
+            local.append(sh.gate.weight)
+            refs.append(params["shared"][3])
+    for p, r in zip(local, refs, strict=True):
+        g = grad_of(p).clone()
+        dist.all_reduce(g, group=stage)  # the data-parallel sum over the whole stage
+        assert_close_to_reference(g, grad_of(r), name="replicated weight grad", **GRAD_TOL)
+
+
+def grad_of(p):
+    """A parameter's gradient; zeros when no token reached it (autograd leaves None)."""
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
+def slice_of(fm, f, b, s):
+    d, c, t = fm.coordinate("dp"), fm.coordinate("cp"), fm.coordinate("tp")
+    q = c * f.tp + t
+    return (slice(d * b, (d + 1) * b), slice(q * s, (q + 1) * s))
+
+
+def ref_out_attn(outs, f, b, s, B, S):
+    full = torch.zeros(B, S, H)
+    i = 0
+    for d in range(f.dp):
+        for c in range(f.cp):
+            for t in range(f.tp):
+                q = c * f.tp + t
+                full[d * b:(d + 1) * b, q * s:(q + 1) * s] = outs[i].detach().view(b, s, H)
+                i += 1
+    return full
+
+
+moe_cases = st.fixed_dictionaries({
+    "E": st.sampled_from([4, 8, 16]),
+    "k": st.sampled_from([1, 2, 4]),
+    "router": st.sampled_from(sorted(ROUTERS)),
+    "shared": st.booleans(),
+    "shared_gate": st.booleans(),
+    "b": st.integers(0, 2),
+    "s": st.integers(1, 2),
+    "skew": st.booleans(),
+    "seed": st.integers(0, 2**16),
+})
+
+
+@SETTINGS
+@given(fold=folds(WORLD, max_etp=4, max_ep=4), case=moe_cases,
+       dispatcher=st.sampled_from(["alltoall", "allgather"]))
+def test_dropless_matches_reference(pool, fold, case, dispatcher):
+    pool.run(check_moe, fold, cf=None, policy="probs", pad=False, dispatcher=dispatcher, **case)
+
+
+@SETTINGS
+@given(fold=folds(WORLD, max_etp=4, max_ep=4), case=moe_cases,
+       cf=st.sampled_from([0.5, 1.0, 1.5]), policy=st.sampled_from(["probs", "position"]),
+       pad=st.booleans(), dispatcher=st.sampled_from(["alltoall", "allgather"]))
+def test_token_dropping_matches_reference(pool, fold, case, cf, policy, pad, dispatcher):
+    pool.run(check_moe, fold, cf=cf, policy=policy, pad=pad, dispatcher=dispatcher, **case)
+
+
+def check_errors():
+    fm = folded_mesh(Fold(tp=2, cp=2, dp=2, ep=4, etp=2, edp=1))
+    with pytest.raises(FoldError, match=r"num_experts = 6 is not divisible by ep = 4"):
+        apply_moe_parallel(build(6, 2, "mixtral", None, "probs", False, False, False, 0), fm)
+    moe = MoE(RouterConfig(hidden_size=H, num_experts=8, topk=2), MoEConfig(ffn_size=3))
+    with pytest.raises(FoldError, match=r"expert FFN size = 3 is not divisible by etp = 2"):
+        apply_moe_parallel(moe, fm)
+    moe = apply_moe_parallel(build(8, 2, "mixtral", None, "probs", False, False, False, 0), fm)
+    full = torch.randn(2, 4, H)
+    x = DTensor.from_local(full[:1, :1], fm.attn_stage, ATTN, run_check=False,
+                           shape=full.shape, stride=full.stride())
+    from torch.distributed.tensor import Replicate
+    xr = x.redistribute(fm.attn_stage, (Shard(0), Shard(1), Replicate()))
+    with pytest.raises(FoldError, match="sequence parallelism"):
+        moe(xr)
+
+
+def test_errors(pool):
+    pool.run(check_errors)
+
+
+def check_comms(fold, dispatcher, pad):
+    fm = folded_mesh(fold)
+    moe = apply_moe_parallel(build(8, 2, "mixtral", 1.0 if pad else None, "probs", pad,
+                                   False, False, 0), fm, dispatcher=dispatcher)
+    f = fold
+    full = torch.randn(f.dp, 2 * f.cp * f.tp, H)
+    sl = slice_of(fm, f, 1, 2)
+    x = DTensor.from_local(full[sl].clone(), fm.attn_stage, ATTN, run_check=False,
+                           shape=full.shape, stride=full.stride()).requires_grad_()
+    with CommDebugMode() as fwd:
+        y = moe(x)
+    with CommDebugMode() as bwd:
+        y.to_local().sum().backward()
+    name = {str(k).split(".")[-1]: v for k, v in fwd.get_comm_counts().items()}
+    back = {str(k).split(".")[-1]: v for k, v in bwd.get_comm_counts().items()}
+    return name, back
+
+
+EXPECTED = {
+    # (dispatcher, etp > 1, pad): (forward, backward) collective counts, see docs/placements.md
+    ("alltoall", False, False): ({"all_gather_into_tensor": 1, "all_to_all_single": 2},
+                                 {"all_to_all_single": 2}),
+    ("alltoall", True, False): ({"all_gather_into_tensor": 1, "all_to_all_single": 4},
+                                {"all_to_all_single": 4}),
+    ("alltoall", True, True): ({"all_to_all_single": 4}, {"all_to_all_single": 4}),
+    ("allgather", False, False): ({"all_gather_into_tensor": 3, "reduce_scatter_tensor": 1},
+                                  {"all_gather_into_tensor": 1, "reduce_scatter_tensor": 2}),
+    ("allgather", True, False): ({"all_gather_into_tensor": 3, "reduce_scatter_tensor": 1},
+                                 {"all_gather_into_tensor": 1, "reduce_scatter_tensor": 2}),
+}
+
+
+@pytest.mark.parametrize("key", sorted(EXPECTED), ids=str)
+def test_collectives_match_placements_doc(pool, key):
+    dispatcher, etp_gt1, pad = key
+    fold = (Fold(tp=2, cp=2, dp=2, ep=4, etp=2, edp=1) if etp_gt1
+            else Fold(tp=2, cp=2, dp=2, ep=8, etp=1, edp=1))
+    fwd, bwd = pool.run(check_comms, fold, dispatcher, pad)[0]
+    assert (fwd, bwd) == EXPECTED[key]
