@@ -302,3 +302,91 @@ def test_collectives_match_placements_doc(pool, key):
             else Fold(tp=2, cp=2, dp=2, ep=8, etp=1, edp=1))
     fwd, bwd = pool.run(check_comms, fold, dispatcher, pad)[0]
     assert (fwd, bwd) == EXPECTED[key]
+
+
+# ----------------------------------------------------------------------------- losses
+LOSSES = dict(aux_loss_coeff=0.1, seq_aux_loss_coeff=0.05, global_aux_loss_coeff=0.2,
+              z_loss_coeff=0.01)
+
+
+def ref_balance(x, w, k, router, E):
+    """(P_e, c_e, T) of one token set, from the definitions: P sums the unbiased pre-top-k
+    scores (softmax over E, or sigmoid normalised per token), c counts top-k selections."""
+    logits = x.double() @ w.double().T
+    scores = logits.softmax(-1) if router["score_function"] == "softmax" else (
+        logits.sigmoid() / logits.sigmoid().sum(-1, keepdim=True))
+    _, idx = ref_route(x, w, k, **router)
+    c = torch.zeros(E, dtype=torch.float64)
+    for e in idx.flatten().tolist():
+        c[e] += 1
+    return scores.sum(0), c, x.shape[0], logits
+
+
+def ref_losses(full, w, fold, k, router, E, b):
+    """The four losses of the unsharded batch: aux and z per data-parallel replica (summed over
+    replicas), seq-aux per sequence (averaged within a replica, summed over replicas), global
+    aux over the whole batch."""
+    out = dict(aux_loss=0.0, seq_aux_loss=0.0, global_aux_loss=0.0, z_loss=0.0)
+    co = {name: LOSSES[name + "_coeff"] for name in out}
+    for d in range(fold.dp):
+        rep = full[d * b:(d + 1) * b]
+        P, c, T, logits = ref_balance(rep.reshape(-1, H), w, k, router, E)
+        out["aux_loss"] = out["aux_loss"] + co["aux_loss"] * E / (k * T * T) * (P * c).sum()
+        lse = torch.logsumexp(logits, -1)
+        out["z_loss"] = out["z_loss"] + co["z_loss"] * (lse * lse).mean()
+        seq = 0.0
+        for i in range(b):
+            P, c, T, _ = ref_balance(rep[i], w, k, router, E)
+            seq = seq + co["seq_aux_loss"] * E / (k * T * T) * (P * c).sum()
+        out["seq_aux_loss"] = out["seq_aux_loss"] + seq / b
+    P, c, T, _ = ref_balance(full.reshape(-1, H), w, k, router, E)
+    out["global_aux_loss"] = co["global_aux_loss"] * E / (k * T * T) * (P * c).sum()
+    return out, c
+
+
+def check_losses(fold, E, k, router, b, s, seed, dispatcher):
+    fm = folded_mesh(fold)
+    torch.manual_seed(seed)
+    rc = RouterConfig(hidden_size=H, num_experts=E, topk=k, init_std=0.5, expert_bias=True,
+                      **LOSSES, **ROUTERS[router])
+    moe = MoE(rc, MoEConfig(ffn_size=FFN, init_std=0.5))
+    params = reference_params(moe)
+    apply_moe_parallel(moe, fm, dispatcher=dispatcher)
+    B, S = b * fold.dp, s * fold.cp * fold.tp
+    torch.manual_seed(seed + 1)
+    full, grad = torch.randn(B, S, H), torch.randn(B, S, H)
+
+    outs = ref_moe(rank_blocks(full, fold), params, k, E, ROUTERS[router], None, "probs", False)
+    main = (torch.cat(outs) * torch.cat(rank_blocks(grad, fold))).sum()
+    losses, global_counts = ref_losses(full, params["router"], fold, k, ROUTERS[router], E, b)
+    (main + sum(losses.values())).backward()
+
+    sl = slice_of(fm, fold, b, s)
+    x = DTensor.from_local(full[sl].clone(), fm.attn_stage, ATTN, run_check=False,
+                           shape=full.shape, stride=full.stride()).requires_grad_()
+    (moe(x).to_local() * grad[sl]).sum().backward()
+    stage = fm["dp_cp_tp"].get_group()
+    for name, want in losses.items():
+        got = moe.router.last_losses[name].clone().double()
+        dist.all_reduce(got, group=stage)  # per-rank terms add up to the unsharded losses
+        assert_close_to_reference(got, want.detach(), name=name, rtol=1e-5, atol=1e-7)
+    g = moe.router.weight.grad.clone()
+    dist.all_reduce(g, group=stage)
+    assert_close_to_reference(g, params["router"].grad, name="router grad with losses",
+                              **GRAD_TOL)
+    # aux-loss-free bias: one update from the stage's counts, the same on every rank
+    moe.router.update_expert_bias()
+    rate = rc.expert_bias_update_rate
+    want = rate * torch.sign(global_counts.mean() - global_counts)
+    assert_close_to_reference(moe.router.expert_bias, want.float(), name="expert bias")
+
+
+@settings(max_examples=8, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fold=folds(WORLD, max_etp=4, max_ep=4), E=st.sampled_from([4, 8]),
+       k=st.sampled_from([1, 2]), router=st.sampled_from(sorted(ROUTERS)),
+       b=st.integers(1, 2), s=st.integers(1, 2), seed=st.integers(0, 2**16),
+       dispatcher=st.sampled_from(["alltoall", "allgather"]))
+def test_losses_and_bias_match_unsharded_definitions(pool, fold, E, k, router, b, s, seed,
+                                                      dispatcher):
+    pool.run(check_losses, fold, E, k, router, b, s, seed, dispatcher)
