@@ -47,29 +47,44 @@ class GroupedExperts(nn.Module):
         return swiglu_experts(tokens, w_gate_up, w_down.to(tokens.dtype), counts)
 
 
+class SwiGLU(nn.Module):
+    """Dense SwiGLU MLP: ``down(silu(gate_proj(x)) * up_proj(x))``, x [..., H] -> [..., H]."""
+
+    def __init__(self, hidden_size: int, ffn_size: int, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, ffn_size, **kw)
+        self.up_proj = nn.Linear(hidden_size, ffn_size, **kw)
+        self.down_proj = nn.Linear(ffn_size, hidden_size, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
 class SharedExpert(nn.Module):
     """A dense SwiGLU MLP every token goes through, optionally scaled by a sigmoid gate
-    (Qwen2-MoE): ``out = sigmoid(x @ g) * down(silu(gate(x)) * up(x))``."""
+    (Qwen2-MoE): ``out = sigmoid(x @ g) * mlp(x)``.
+
+    The MLP and the gate are separate submodules so that tensor parallelism can shard the MLP
+    while the one-column gate stays on each rank's own tokens."""
 
     def __init__(self, hidden_size: int, ffn_size: int, gated: bool = False,
                  init_std: float = 0.02, *, device=None, dtype=None):
         super().__init__()
-        kw = dict(device=device, dtype=dtype, bias=False)
         self.init_std = init_std
-        self.gate_proj = nn.Linear(hidden_size, ffn_size, **kw)
-        self.up_proj = nn.Linear(hidden_size, ffn_size, **kw)
-        self.down_proj = nn.Linear(ffn_size, hidden_size, **kw)
-        self.gate = nn.Linear(hidden_size, 1, **kw) if gated else None
+        self.mlp = SwiGLU(hidden_size, ffn_size, device=device, dtype=dtype)
+        self.gate = (nn.Linear(hidden_size, 1, bias=False, device=device, dtype=dtype)
+                     if gated else None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for m in (self.gate_proj, self.up_proj, self.down_proj, self.gate):
+        for m in (self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj, self.gate):
             if m is not None:
                 nn.init.normal_(m.weight, std=self.init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., H] -> [..., H]."""
-        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        out = self.mlp(x)
         if self.gate is not None:
             out = torch.sigmoid(self.gate(x)) * out
         return out

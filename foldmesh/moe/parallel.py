@@ -13,6 +13,12 @@ import torch
 from torch import nn
 from torch.distributed._functional_collectives import all_reduce
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    parallelize_module,
+)
 
 from .._fold import FoldError
 from .._mesh import FoldedMesh
@@ -47,8 +53,10 @@ def apply_moe_parallel(moe: MoE, fm: FoldedMesh, dispatcher: str = "alltoall") -
     Expert weights become DTensors on ``fm.moe_stage``: ``w_gate``/``w_up`` [E, H, F] and
     ``w_down`` [E, F, H] with placements ``(Replicate, Shard(0), Shard(F dim))``: experts over
     ep, FFN over etp, replicated over edp. Their gradients are ``Partial`` over edp.
-    The router and the shared expert keep plain replicated weights; their gradients are this
-    rank's part and must be summed over the stage (``fm["dp_cp_tp"]``) by data parallelism.
+    The shared expert's MLP is tensor-parallel over ``fm["tp"]`` (DTensor weights; gradients
+    complete for the tp group's tokens, to be summed over ``fm["dp_cp"]``). The router gate
+    and the shared expert's sigmoid gate keep plain replicated weights; their gradients are
+    this rank's part and must be summed over the stage (``fm["dp_cp_tp"]``).
 
     Args:
         moe: a plain MoE layer, identical on every rank (same seed).
@@ -68,11 +76,33 @@ def apply_moe_parallel(moe: MoE, fm: FoldedMesh, dispatcher: str = "alltoall") -
         w = getattr(ex, name)
         placements = (Replicate(), Shard(0), Shard(ffn_dim))
         setattr(ex, name, nn.Parameter(distribute_tensor(w.detach(), fm.moe_stage, placements)))
+    if moe.shared_expert is not None and fm.fold.tp > 1:
+        if moe.config.shared_ffn_size % fm.fold.tp:
+            raise FoldError(
+                f"shared expert FFN size = {moe.config.shared_ffn_size} is not divisible by "
+                f"tp = {fm.fold.tp}; choose a shared_ffn_size that is a multiple of {fm.fold.tp}"
+            )
+        _shard_shared_expert(moe.shared_expert, fm)
     moe.router.reductions = MeshReductions(fm)
     moe.dispatcher = DISPATCHERS[dispatcher](fm, moe.num_experts)
     moe.register_forward_pre_hook(_make_pre_hook(fm))
     moe.register_forward_hook(_make_post_hook(fm))
     return moe
+
+
+def _shard_shared_expert(shared, fm: FoldedMesh) -> None:
+    """Tensor-parallel shared expert on the attention view's tp axis (sequence parallel in and
+    out): all-gather the tp group's tokens, column-parallel gate/up, row-parallel down,
+    reduce-scatter back to each rank's tokens. Its weights become DTensors on ``fm["tp"]``."""
+    tp = fm["tp"]
+    tokens = (Shard(0),)  # each rank's [n, H] tokens, sequence-parallel over tp
+    parallelize_module(shared.mlp, tp, PrepareModuleInput(
+        input_layouts=tokens, desired_input_layouts=(Replicate(),)))
+    parallelize_module(shared.mlp, tp, {
+        "gate_proj": ColwiseParallel(),
+        "up_proj": ColwiseParallel(),
+        "down_proj": RowwiseParallel(output_layouts=Shard(0)),
+    })
 
 
 def _make_pre_hook(fm: FoldedMesh):

@@ -20,7 +20,7 @@ from foldmesh.moe import MoE, MoEConfig, RouterConfig, apply_moe_parallel
 from foldmesh.testing import RankPool, assert_close_to_reference, folded_mesh, folds
 
 WORLD = 8
-H, FFN, SHARED = 6, 4, 5
+H, FFN, SHARED = 6, 8, 8  # FFN sizes divisible by every etp / tp of 8 ranks
 ATTN = (Shard(0), Shard(1), Shard(1))
 ROUTERS = {
     "mixtral": dict(score_function="softmax", pre_softmax=False),
@@ -29,7 +29,7 @@ ROUTERS = {
 }
 # fp32 model against a float64-routed reference; gradients sum many O(1) terms
 GRAD_TOL = dict(rtol=1e-3, atol=1e-4)
-SETTINGS = settings(max_examples=12, deadline=None,
+SETTINGS = settings(max_examples=25, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -115,8 +115,9 @@ def reference_params(moe):
     if moe.shared_expert is not None:
         s = moe.shared_expert
         gate = s.gate.weight.detach().clone() if s.gate is not None else None
-        p["shared"] = [s.gate_proj.weight.detach().clone(), s.up_proj.weight.detach().clone(),
-                       s.down_proj.weight.detach().clone(), gate]
+        m = s.mlp
+        p["shared"] = [m.gate_proj.weight.detach().clone(), m.up_proj.weight.detach().clone(),
+                       m.down_proj.weight.detach().clone(), gate]
     for v in list(p.values()):
         for t in (v if isinstance(v, list) else [v]):
             if t is not None:
@@ -180,14 +181,19 @@ def check_moe(fold, E, k, router, cf, policy, pad, shared, shared_gate, b, s, sk
     refs = [params["router"]]
     if shared:
         sh = moe.shared_expert
-        local += [sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight]
+        local += [sh.mlp.gate_proj.weight, sh.mlp.up_proj.weight, sh.mlp.down_proj.weight]
         refs += params["shared"][:3]
         if shared_gate:
             local.append(sh.gate.weight)
             refs.append(params["shared"][3])
     for p, r in zip(local, refs, strict=True):
-        g = grad_of(p).clone()
-        dist.all_reduce(g, group=stage)  # the data-parallel sum over the whole stage
+        g = grad_of(p)
+        if isinstance(g, DTensor):  # tensor-parallel over tp: complete for the tp group
+            g = g.full_tensor()
+            dist.all_reduce(g, group=fm["dp_cp"].get_group())
+        else:
+            g = g.clone()
+            dist.all_reduce(g, group=stage)  # the data-parallel sum over the whole stage
         assert_close_to_reference(g, grad_of(r), name="replicated weight grad", **GRAD_TOL)
 
 
@@ -215,7 +221,6 @@ def ref_out_attn(outs, f, b, s, B, S):
 
 
 moe_cases = st.fixed_dictionaries({
-    "E": st.sampled_from([4, 8, 16]),
     "k": st.sampled_from([1, 2, 4]),
     "router": st.sampled_from(sorted(ROUTERS)),
     "shared": st.booleans(),
@@ -227,19 +232,28 @@ moe_cases = st.fixed_dictionaries({
 })
 
 
+def experts_for(fold):
+    """Numbers of experts the fold's ep divides (ep may span tp, cp and dp ranks)."""
+    return st.sampled_from([e for e in (4, 8, 16) if e % fold.ep == 0])
+
+
 @SETTINGS
-@given(fold=folds(WORLD, max_etp=4, max_ep=4), case=moe_cases,
+@given(fold=folds(WORLD), case=moe_cases, data=st.data(),
        dispatcher=st.sampled_from(["alltoall", "allgather"]))
-def test_dropless_matches_reference(pool, fold, case, dispatcher):
-    pool.run(check_moe, fold, cf=None, policy="probs", pad=False, dispatcher=dispatcher, **case)
+def test_dropless_matches_reference(pool, fold, case, data, dispatcher):
+    E = data.draw(experts_for(fold), label="E")
+    pool.run(check_moe, fold, E=E, cf=None, policy="probs", pad=False, dispatcher=dispatcher,
+             **case)
 
 
 @SETTINGS
-@given(fold=folds(WORLD, max_etp=4, max_ep=4), case=moe_cases,
+@given(fold=folds(WORLD), case=moe_cases, data=st.data(),
        cf=st.sampled_from([0.5, 1.0, 1.5]), policy=st.sampled_from(["probs", "position"]),
        pad=st.booleans(), dispatcher=st.sampled_from(["alltoall", "allgather"]))
-def test_token_dropping_matches_reference(pool, fold, case, cf, policy, pad, dispatcher):
-    pool.run(check_moe, fold, cf=cf, policy=policy, pad=pad, dispatcher=dispatcher, **case)
+def test_token_dropping_matches_reference(pool, fold, case, data, cf, policy, pad, dispatcher):
+    E = data.draw(experts_for(fold), label="E")
+    pool.run(check_moe, fold, E=E, cf=cf, policy=policy, pad=pad, dispatcher=dispatcher,
+             **case)
 
 
 def check_errors():
@@ -248,6 +262,10 @@ def check_errors():
         apply_moe_parallel(build(6, 2, "mixtral", None, "probs", False, False, False, 0), fm)
     moe = MoE(RouterConfig(hidden_size=H, num_experts=8, topk=2), MoEConfig(ffn_size=3))
     with pytest.raises(FoldError, match=r"expert FFN size = 3 is not divisible by etp = 2"):
+        apply_moe_parallel(moe, fm)
+    moe = MoE(RouterConfig(hidden_size=H, num_experts=8, topk=2),
+              MoEConfig(ffn_size=4, shared_ffn_size=5))
+    with pytest.raises(FoldError, match=r"shared expert FFN size = 5 is not divisible by tp = 2"):
         apply_moe_parallel(moe, fm)
     moe = apply_moe_parallel(build(8, 2, "mixtral", None, "probs", False, False, False, 0), fm)
     full = torch.randn(2, 4, H)
@@ -381,9 +399,9 @@ def check_losses(fold, E, k, router, b, s, seed, dispatcher):
     assert_close_to_reference(moe.router.expert_bias, want.float(), name="expert bias")
 
 
-@settings(max_examples=8, deadline=None,
+@settings(max_examples=12, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(fold=folds(WORLD, max_etp=4, max_ep=4), E=st.sampled_from([4, 8]),
+@given(fold=folds(WORLD, max_ep=4), E=st.sampled_from([4, 8]),
        k=st.sampled_from([1, 2]), router=st.sampled_from(sorted(ROUTERS)),
        b=st.integers(1, 2), s=st.integers(1, 2), seed=st.integers(0, 2**16),
        dispatcher=st.sampled_from(["alltoall", "allgather"]))
