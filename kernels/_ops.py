@@ -31,6 +31,7 @@ def permute(
     drop_policy: str = "probs",
     pad_to_capacity: bool = False,
     backend: str | None = None,
+    kept_rows: int | None = None,
 ) -> PermuteMap:
     """Move token copies into expert-contiguous order.
 
@@ -44,6 +45,8 @@ def permute(
             go to the lower token index), "position" its first C copies by token index.
         pad_to_capacity: pad every expert with zero rows to exactly C rows.
         backend: "triton", "torch", "auto" or None.
+        kept_rows: with a capacity and no padding, the kept-row count if already known on
+            the host (``sum(min(counts, C))``); avoids the host synchronisation.
 
     Returns:
         ``PermuteMap`` with ``tokens`` [N, H]: N = T*k dropless (no host sync), E*C padded
@@ -57,9 +60,11 @@ def permute(
         from ._permute import permute_triton
 
         return permute_triton(
-            x, topk_idx, probs, num_experts, capacity, drop_policy, pad_to_capacity
+            x, topk_idx, probs, num_experts, capacity, drop_policy, pad_to_capacity, kept_rows
         )
-    return permute_ref(x, topk_idx, probs, num_experts, capacity, drop_policy, pad_to_capacity)
+    return permute_ref(
+        x, topk_idx, probs, num_experts, capacity, drop_policy, pad_to_capacity, kept_rows
+    )
 
 
 def unpermute(

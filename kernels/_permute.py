@@ -69,9 +69,12 @@ def permute_triton(
     capacity: int | None = None,
     drop_policy: str = "probs",
     pad_to_capacity: bool = False,
+    kept_rows: int | None = None,
 ) -> PermuteMap:
     """Triton twin of ``permute_ref`` (same arguments, same result)."""
-    routing = build_routing(topk_idx, probs, num_experts, capacity, drop_policy, pad_to_capacity)
+    routing = build_routing(
+        topk_idx, probs, num_experts, capacity, drop_policy, pad_to_capacity, kept_rows
+    )
     tokens = _PermuteRows.apply(x, routing.row_copy, routing.row_map)
     return routing.finish(tokens, probs)
 

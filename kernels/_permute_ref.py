@@ -31,6 +31,7 @@ def permute_ref(
     capacity: int | None = None,
     drop_policy: str = "probs",
     pad_to_capacity: bool = False,
+    kept_rows: int | None = None,
 ) -> PermuteMap:
     """Reorder token copies into expert-contiguous rows (see ``foldmesh.kernels.permute``).
 
@@ -46,7 +47,9 @@ def permute_ref(
     Returns:
         A ``PermuteMap`` whose ``tokens`` are [N, H] in x.dtype.
     """
-    routing = build_routing(topk_idx, probs, num_experts, capacity, drop_policy, pad_to_capacity)
+    routing = build_routing(
+        topk_idx, probs, num_experts, capacity, drop_policy, pad_to_capacity, kept_rows
+    )
     topk = topk_idx.shape[1]
     if routing.padded:
         source = torch.where(routing.row_copy >= 0, routing.row_copy // topk, x.shape[0])

@@ -122,6 +122,7 @@ def build_routing(
     capacity: int | None = None,
     drop_policy: str = "probs",
     pad_to_capacity: bool = False,
+    kept_rows: int | None = None,
 ) -> Routing:
     """Compute where every copy goes.
 
@@ -133,6 +134,9 @@ def build_routing(
         drop_policy: "probs" keeps each expert's C most probable copies (ties: lower token
             index), "position" keeps its first C copies by token index.
         pad_to_capacity: give every expert exactly C rows (zero padding), so N = E * C.
+        kept_rows: dropping without padding only: the number of kept copies,
+            ``sum(min(count_e, C))``, when the caller already has it on the host (the MoE
+            dispatcher learns it from its one count exchange); skips this function's sync.
     """
     if topk_idx.dim() != 2 or probs.shape != topk_idx.shape:
         raise ValueError(f"topk_idx and probs must both be [T, k], got {topk_idx.shape}, "
@@ -185,8 +189,8 @@ def build_routing(
     else:
         dest = kept_before
         # NOTE: host sync. Without padding the kept-row count sizes the output buffer, and a
-        # tensor's shape must be known on the host; pad_to_capacity avoids it.
-        n_rows = int(kept_counts.sum())
+        # tensor's shape must be known on the host; pad_to_capacity or kept_rows avoids it.
+        n_rows = int(kept_counts.sum()) if kept_rows is None else kept_rows
         out_counts = kept_counts
 
     dest = torch.where(keep_sorted, dest, -1)

@@ -78,11 +78,14 @@ class AllToAllDispatcher(_Dispatcher):
 
     def __call__(self, moe, tokens, probs, indices):
         El, ep, etp = self.num_local, self.ep, self.etp
-        perm = permute(tokens, indices, probs, moe.num_experts, **moe.capacity_args(tokens))
-        counts, dev = self._counts(perm)  # [ep(src j), etp(src t), ep(dest), El], host + device
+        cap = moe.capacity_args(tokens)
+        counts, dev = self._counts(indices, moe.num_experts, cap)
         j0, t0 = self.ep_rank, self.etp_rank
         send = counts[j0][t0]  # per destination ep rank: El counts
         send_splits = [sum(c) for c in send]
+        if cap and not cap["pad_to_capacity"]:
+            cap["kept_rows"] = sum(send_splits)  # known from the exchange: no second sync
+        perm = permute(tokens, indices, probs, moe.num_experts, **cap)
         recv_splits = [sum(counts[j][t0][j0]) for j in range(ep)]
         # rows for my experts from every source (t, j), ordered t-major as AllGather-V leaves them
         table = dev[:, :, j0, :].transpose(0, 1).reshape(-1)  # [etp * ep * El], [r*El + e]
@@ -106,20 +109,24 @@ class AllToAllDispatcher(_Dispatcher):
             y = all_to_all_autograd(y, send_splits, recv_splits, self.ep_group)
         return unpermute(y, perm, probs)
 
-    def _counts(self, perm) -> tuple[list, torch.Tensor]:
-        """Every ep x etp rank's per-expert row counts, on the host and on the device."""
+    def _counts(self, indices, num_experts, cap) -> tuple[list, torch.Tensor]:
+        """Rows per expert that every ep x etp rank will send: [ep (source j), etp (source t),
+        ep (destination), El], on the host and on the device."""
         ep, etp, El = self.ep, self.etp, self.num_local
-        if perm.padded:
+        if cap and cap["pad_to_capacity"]:
             # every expert holds exactly C rows on every rank: known without communication
-            dev = torch.full((ep, etp, ep, El), perm.capacity, dtype=torch.int64,
-                             device=perm.counts.device)
-            return dev.tolist(), dev  # a host tensor op on a tensor made here: no device sync
-        dev = perm.counts
+            host = torch.full((ep, etp, ep, El), cap["capacity"], dtype=torch.int64)
+            return host.tolist(), host.to(indices.device)
+        dev = torch.zeros(num_experts, dtype=torch.int64, device=indices.device)
+        dev.scatter_add_(0, indices.reshape(-1), torch.ones_like(indices.reshape(-1)))
+        if cap:
+            dev = dev.clamp(max=cap["capacity"])  # each expert keeps min(count, C) copies
         if ep * etp > 1:
-            dev = all_gather(perm.counts, 0, self.ep_etp_group)
+            dev = all_gather(dev, 0, self.ep_etp_group)
         dev = dev.view(ep, etp, ep, El)
-        # NOTE: host synchronisation, once per layer: the all-to-all split sizes must be known
-        # on the host to size the receive buffers (avoided with pad_to_capacity).
+        # NOTE: host synchronisation, the layer's only one: the all-to-all split sizes (and,
+        # when dropping, the kept-row count) size buffers on the host. pad_to_capacity
+        # avoids it.
         return dev.tolist(), dev
 
 

@@ -208,3 +208,23 @@ def test_reference_needs_no_host_sync(dropping):
     assert out.shape == (64, 32) and perm.counts.shape == (8,)
     with pytest.raises((RuntimeError, NotImplementedError)):
         permute(x, idx, probs, 8, capacity=40)  # dropping without padding must read N
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("policy", ["probs", "position"])
+def test_known_kept_rows_gives_the_same_permutation(backend, policy):
+    # A caller that already knows sum(min(count_e, C)) on the host skips the sync.
+    torch.manual_seed(0)
+    T, k, E, H = 13, 2, 4, 5
+    x = torch.randn(T, H)
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    probs = torch.rand(T, k)
+    cap = 4
+    counts = torch.zeros(E, dtype=torch.int64).scatter_add_(0, idx.reshape(-1),
+                                                            torch.ones(T * k, dtype=torch.int64))
+    kept = int(counts.clamp(max=cap).sum())
+    a = permute(x, idx, probs, E, capacity=cap, drop_policy=policy, backend=backend)
+    b = permute(x, idx, probs, E, capacity=cap, drop_policy=policy, backend=backend,
+                kept_rows=kept)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.row_map, b.row_map)
+    assert a.tokens.shape[0] == kept
