@@ -146,8 +146,8 @@ def check_moe(fold, E, k, router, cf, policy, pad, shared, shared_gate, b, s, sk
     B, S = b * fold.dp, s * fold.cp * fold.tp
     torch.manual_seed(seed + 1)
     full = torch.randn(B, S, H)
-    if skew:  # push every token towards expert 0: uneven routing, empty experts
-        full = full + 3.0 * params["router"][0].detach()
+    if skew:  # every token's first choice is expert 0: empty experts, ranks receiving nothing
+        full = full + 10.0 * params["router"][0].detach()
     grad = torch.randn(B, S, H)
     # reference on the unsharded batch
     xr = full.clone().requires_grad_()
