@@ -22,7 +22,7 @@ from torch.distributed.tensor.parallel import (
 
 from .._fold import FoldError
 from .._mesh import FoldedMesh
-from .._transition import to_attn, to_moe
+from .._transition import _contiguous_stride, to_attn, to_moe
 from ._dispatch import AllGatherDispatcher, AllToAllDispatcher
 from .layer import MoE
 from .router import Reductions
@@ -106,6 +106,8 @@ def _shard_shared_expert(shared, fm: FoldedMesh) -> None:
 
 
 def _make_pre_hook(fm: FoldedMesh):
+    # The attention input is kept on the module between the two hooks: the way back needs
+    # its shape and placements. A layer is not re-entered within its own forward.
     def pre_hook(module, args):
         (x,) = args
         if not isinstance(x, DTensor):
@@ -125,7 +127,7 @@ def _make_post_hook(fm: FoldedMesh):
         tokens = out.flatten(0, 1)
         shape = torch.Size((like.shape[0] * like.shape[1], *like.shape[2:]))
         y = DTensor.from_local(tokens, fm.moe_stage, _TOKENS, run_check=False, shape=shape,
-                               stride=tuple(torch.empty(shape, device="meta").stride()))
+                               stride=_contiguous_stride(shape))
         return to_attn(y, fm, like=like)
 
     return post_hook
