@@ -98,6 +98,13 @@ class FoldedMesh:
         MoE activations and expert weights are DTensors on this mesh."""
         return self.moe["edp", "ep", "etp"]
 
+    @property
+    def expert_mesh(self) -> DeviceMesh:
+        """This rank's ``("ep", "etp")`` mesh, 2-D: expert weights are DTensors on it (experts
+        over ep, FFN over etp), replicated over edp, over which data parallelism (FSDP)
+        shards or reduces them."""
+        return self.moe["ep", "etp"]
+
     def __getitem__(self, name: str) -> DeviceMesh:
         if name in self._named:
             return self._named[name]

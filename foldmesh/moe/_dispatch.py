@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed._functional_collectives as fc
-from torch.distributed.tensor import DTensor, Partial, Shard
 
 from .._mesh import FoldedMesh
 from ..kernels import permute, sort_chunks, unpermute
@@ -41,22 +40,6 @@ reduce_scatter_autograd = (
 all_to_all_autograd = fc.all_to_all_single_autograd
 
 
-def local_expert_weights(experts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This rank's shards of the expert weights, as plain tensors.
-
-    The gradient of each shard is only this rank's tokens' part: it is declared ``Partial``
-    over edp (the ranks holding the same shard see different tokens), so ``full_tensor()`` of
-    a weight's gradient, or a data-parallel reduction over edp, gives the whole gradient.
-    """
-    out = []
-    for name, ffn_dim in (("w_gate", 2), ("w_up", 2), ("w_down", 1)):
-        w = getattr(experts, name)
-        if isinstance(w, DTensor):
-            w = w.to_local(grad_placements=(Partial(), Shard(0), Shard(ffn_dim)))
-        out.append(w)
-    return out[0], out[1], out[2]
-
-
 class _Dispatcher:
     def __init__(self, fm: FoldedMesh, num_experts: int):
         self.fm = fm
@@ -69,7 +52,8 @@ class _Dispatcher:
         self.ep_etp_group = fm["ep_etp"].get_group()
 
     def _experts(self, moe, tokens, counts):
-        return moe.experts.compute(tokens, counts, *local_expert_weights(moe.experts))
+        # through the module call, so that hooks on the experts (FSDP's all-gather) run
+        return moe.experts(tokens, counts)
 
 
 class AllToAllDispatcher(_Dispatcher):

@@ -76,7 +76,7 @@ class MoE(nn.Module):
         self.config = config
         self.num_experts = router.num_experts
         self.topk = router.topk
-        self.router = Router(router, device=device)
+        self.router = Router(router, device=device, dtype=dtype)
         self.experts = GroupedExperts(router.num_experts, router.hidden_size, config.ffn_size,
                                       config.init_std, device=device, dtype=dtype)
         self.shared_expert = None

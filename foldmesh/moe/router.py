@@ -189,6 +189,12 @@ class Reductions:
     def global_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def shared_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """The gate weight as this rank's tokens use it. Distributed: identity forward, and
+        the gradient summed over the ranks that share the weight and route different tokens
+        of one tensor-parallel group (so it ends like any tensor-parallel weight's)."""
+        return w
+
 
 def expert_counts(indices: torch.Tensor, num_bins: int) -> torch.Tensor:
     """Histogram of ``indices`` (any shape, int64) into [num_bins] int64, on the device."""
@@ -344,14 +350,14 @@ class Router(nn.Module):
                 f"{tuple(x.shape)}; flatten batch and sequence dims first"
             )
         dt = cfg.dtype
-        logits = x.to(dt) @ self.weight.to(dt).t()  # [N, E]
+        red = reductions if reductions is not None else self.reductions
+        logits = x.to(dt) @ red.shared_weight(self.weight).to(dt).t()  # [N, E]
         weights, indices, scores = route(logits, cfg, self.expert_bias)
         counts = expert_counts(indices, cfg.num_experts)  # [E]
         self.last_losses = {}
         if self.training and torch.is_grad_enabled():
             if self.local_counts is not None:
                 self.local_counts.add_(counts)
-            red = reductions if reductions is not None else self.reductions
             total = self._losses(logits, indices, counts, num_sequences, red)
             if total is not None:
                 weights = attach_loss(weights, total, self.loss_scale)

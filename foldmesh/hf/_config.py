@@ -1,0 +1,195 @@
+"""Hugging Face config.json <-> ``ModelConfig`` for Mixtral, Qwen2-MoE and Qwen3-MoE.
+
+Routing in the three families, and the foldmesh settings that compute the same weights:
+
+- Mixtral: softmax over all E, top k, renormalise = softmax over the k chosen logits
+  (``softmax_over_all=False``).
+- Qwen2/3-MoE: softmax over all E, top k, renormalise only if ``norm_topk_prob``
+  (``softmax_over_all=True, normalize_topk=norm_topk_prob``).
+
+Training-only settings (capacity factor, balancing losses) have no config.json counterpart:
+they take ``ModelConfig``'s defaults on load (override them with ``config_overrides``) and
+are not written on save.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..models import ModelConfig
+from ._names import ARCHITECTURES, CheckpointError
+
+# (rms_norm_eps, rope_theta) that transformers uses when config.json omits them.
+_DEFAULTS = {"mixtral": (1e-5, 1e6), "qwen2_moe": (1e-6, 1e4), "qwen3_moe": (1e-6, 1e4)}
+
+# Keys of a loaded config.json that foldmesh does not model but writes back unchanged.
+_PASSTHROUGH = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings",
+                "max_window_layers", "use_cache", "attention_dropout", "router_aux_loss_coef",
+                "router_jitter_noise", "output_router_logits", "intermediate_size")
+
+
+def _need(hf: dict, *keys: str) -> Any:
+    """The first of ``keys`` present in config.json (aliases of one setting)."""
+    for k in keys:
+        if hf.get(k) is not None:
+            return hf[k]
+    raise CheckpointError(f"config.json has no {keys[0]!r}; add it (the model's "
+                          f"{keys[0].replace('_', ' ')})")
+
+
+def _architecture(hf: dict) -> str:
+    archs = hf.get("architectures") or []
+    for a in archs:
+        if a in ARCHITECTURES:
+            return a
+    if not archs:
+        by_type = {t: a for a, t in ARCHITECTURES.items()}
+        if hf.get("model_type") in by_type:
+            return by_type[hf["model_type"]]
+    raise CheckpointError(
+        f"config.json architectures={archs!r} (model_type={hf.get('model_type')!r}) is not "
+        f"supported; foldmesh reads {sorted(ARCHITECTURES)}"
+    )
+
+
+def _rope_theta(hf: dict, default: float) -> float:
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}  # the key before transformers 5
+    kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if kind != "default":
+        raise CheckpointError(f"config.json rope_type={kind!r} is not supported: foldmesh "
+                              "implements plain RoPE; use a checkpoint without RoPE scaling")
+    return float(params.get("rope_theta", hf.get("rope_theta", default)))
+
+
+def _check_attention(hf: dict, model_type: str) -> None:
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise CheckpointError(f"config.json hidden_act={hf['hidden_act']!r} is not supported: "
+                              "foldmesh's MLPs are SwiGLU (hidden_act='silu')")
+    if model_type == "mixtral" and hf.get("sliding_window") is not None:
+        raise CheckpointError(f"config.json sliding_window={hf['sliding_window']} is not "
+                              "supported: foldmesh attention is full causal; set it to null")
+    layer_types = set(hf.get("layer_types") or ["full_attention"])
+    if hf.get("use_sliding_window") or layer_types != {"full_attention"}:
+        raise CheckpointError("config.json use_sliding_window/layer_types ask for sliding-window "
+                              "attention, which foldmesh does not implement; set "
+                              "use_sliding_window=false")
+
+
+def config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
+    """The ``ModelConfig`` of a Hugging Face config.json (as a dict) and its architecture.
+
+    Raises:
+        CheckpointError: unsupported architecture or setting (the message names it).
+    """
+    arch = _architecture(hf)
+    model_type = ARCHITECTURES[arch]
+    _check_attention(hf, model_type)
+    eps, theta = _DEFAULTS[model_type]
+    heads = _need(hf, "num_attention_heads")
+    common = dict(
+        vocab_size=_need(hf, "vocab_size"), hidden_size=_need(hf, "hidden_size"),
+        num_layers=_need(hf, "num_hidden_layers"), num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim"),
+        num_experts=_need(hf, "num_local_experts", "num_experts"),
+        topk=_need(hf, "num_experts_per_tok"), rope_theta=_rope_theta(hf, theta),
+        norm_eps=float(hf.get("rms_norm_eps", eps)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+    )
+    if model_type == "mixtral":
+        return ModelConfig(**common, expert_ffn_size=_need(hf, "intermediate_size")), arch
+    qwen = dict(
+        expert_ffn_size=_need(hf, "moe_intermediate_size"),
+        ffn_size=hf.get("intermediate_size") or 0, softmax_over_all=True,
+        normalize_topk=bool(hf.get("norm_topk_prob", False)),
+        moe_every=hf.get("decoder_sparse_step", 1),
+        dense_layers=tuple(sorted(hf.get("mlp_only_layers") or ())),
+    )
+    if model_type == "qwen2_moe":
+        shared = _need(hf, "shared_expert_intermediate_size")
+        if shared <= 0:
+            raise CheckpointError(f"config.json shared_expert_intermediate_size={shared} is not "
+                                  "supported: Qwen2-MoE's shared expert must have a size > 0")
+        return ModelConfig(**common, **qwen, shared_ffn_size=shared, shared_gate=True,
+                           qkv_bias=bool(hf.get("qkv_bias", True))), arch
+    if hf.get("attention_bias"):
+        raise CheckpointError("config.json attention_bias=true is not supported: it adds a bias "
+                              "to o_proj, which foldmesh's attention does not have")
+    return ModelConfig(**common, **qwen, qk_norm=True), arch
+
+
+def infer_architecture(cfg: ModelConfig) -> str:
+    """The Hugging Face architecture whose features ``cfg`` uses (checked on save)."""
+    if cfg.shared_ffn_size:
+        return "Qwen2MoeForCausalLM"
+    return "Qwen3MoeForCausalLM" if cfg.qk_norm else "MixtralForCausalLM"
+
+
+def _unsupported(cfg: ModelConfig, architecture: str) -> str | None:
+    """Why ``architecture`` cannot express ``cfg``, or None."""
+    mixtral, qwen2 = architecture == "MixtralForCausalLM", architecture == "Qwen2MoeForCausalLM"
+    # Renormalised top-k softmax weights equal the softmax over the k chosen logits.
+    renormalised = not cfg.softmax_over_all or cfg.normalize_topk
+    if cfg.shared_ffn_size and not qwen2:
+        return f"it has no shared expert (shared_ffn_size={cfg.shared_ffn_size})"
+    if qwen2 and not (cfg.shared_ffn_size and cfg.shared_gate):
+        return "it always has a gated shared expert (set shared_ffn_size > 0, shared_gate=True)"
+    if cfg.qk_norm != (architecture == "Qwen3MoeForCausalLM"):
+        return f"qk_norm={cfg.qk_norm} differs from its attention"
+    if cfg.qkv_bias and not qwen2:
+        return "it has no qkv bias (qkv_bias=True)"
+    if mixtral and cfg.dense_layer_ids:
+        return f"every layer is MoE, but layers {cfg.dense_layer_ids} are dense"
+    if mixtral and not renormalised:
+        return "it renormalises the top-k weights (softmax_over_all=True, normalize_topk=False)"
+    return None
+
+
+def hf_config_from(cfg: ModelConfig, architecture: str, base: dict | None = None) -> dict:
+    """The config.json (as a dict) of ``cfg`` saved as ``architecture``.
+
+    ``base``: the config.json the model was loaded from; its keys foldmesh does not model
+    (token ids, max_position_embeddings, ...) are kept.
+
+    Raises:
+        CheckpointError: ``architecture`` is unknown or cannot express ``cfg``.
+    """
+    if architecture not in ARCHITECTURES:
+        raise CheckpointError(f"architecture={architecture!r} is not supported; use one of "
+                              f"{sorted(ARCHITECTURES)}")
+    why = _unsupported(cfg, architecture)
+    if why is not None:
+        raise CheckpointError(f"ModelConfig cannot be saved as {architecture}: {why}; pass "
+                              f"another architecture (default: {infer_architecture(cfg)})")
+    model_type = ARCHITECTURES[architecture]
+    out = {}
+    if base and architecture in (base.get("architectures") or ()):
+        out = {k: base[k] for k in _PASSTHROUGH if k in base}
+    out.update(
+        architectures=[architecture], model_type=model_type, vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.resolved_head_dim, hidden_act="silu", rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
+        num_experts_per_tok=cfg.topk,
+    )
+    if model_type == "mixtral":
+        out.update(num_local_experts=cfg.num_experts, intermediate_size=cfg.expert_ffn_size,
+                   sliding_window=None)
+        return out
+    out.update(
+        num_experts=cfg.num_experts, moe_intermediate_size=cfg.expert_ffn_size,
+        decoder_sparse_step=cfg.moe_every, use_sliding_window=False,
+        norm_topk_prob=not cfg.softmax_over_all or cfg.normalize_topk,
+        # Layers that the sparse step alone would make MoE, but that are dense.
+        mlp_only_layers=[i for i in cfg.dense_layer_ids if (i + 1) % cfg.moe_every == 0],
+    )
+    if cfg.ffn_size:
+        out["intermediate_size"] = cfg.ffn_size
+    if model_type == "qwen2_moe":
+        out.update(shared_expert_intermediate_size=cfg.shared_ffn_size, qkv_bias=cfg.qkv_bias)
+    else:
+        out["attention_bias"] = False
+    return out

@@ -1,0 +1,168 @@
+"""A decoder-only MoE transformer as a plain module (no ``torch.distributed`` here).
+
+Dimension legend: B batch, L tokens of this rank's sequence (all S on one process), H hidden,
+Hq query heads, Hkv key/value heads, D head size, V vocabulary.
+
+Built on the meta device and parallelized from outside (``foldmesh.parallelize``); then
+``to_empty(device=...)`` and ``init_weights()`` give every module its own initial values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..moe import MoE
+from ..moe.experts import SwiGLU
+from .config import ModelConfig
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for half-precision inputs (norms and rotations lose too much in bf16), else the
+    input's own dtype."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in at least fp32 and cast back, as the Hugging Face families do."""
+
+    def __init__(self, size: int, eps: float, *, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size, device=device, dtype=dtype))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(_compute_dtype(x))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding, half-split convention: x [B, heads, L, D], positions [L] int64.
+
+    The frequencies are recomputed per call (D/2 values): no buffer to initialise after
+    ``to_empty``, and positions can be any subset of the sequence (context parallelism)."""
+    d, dt = x.shape[-1], _compute_dtype(x)
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=dt) / d)
+    angles = positions.to(dt)[:, None] * inv_freq[None]  # [L, D/2]
+    cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)  # [L, D]
+    x1, x2 = x.to(dt).chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.to(dt) * cos + rotated * sin).to(x.dtype)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA; q [B, Hq, L, D], k/v [B, Hkv, L, D] -> [B, Hq, L, D]."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE, optional qkv bias and q/k RMSNorm.
+
+    Head counts are read from the projections' outputs, so tensor parallelism can shard the
+    heads. ``core`` computes attention from q, k, v; context parallelism replaces it.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, device=None, dtype=None):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.resolved_head_dim
+        kw = dict(device=device, dtype=dtype)
+        self.head_dim, self.theta, self.init_std = d, cfg.rope_theta, cfg.init_std
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias, **kw)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, **kw)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, **kw)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False, **kw)
+        self.q_norm = RMSNorm(d, cfg.norm_eps, **kw) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.norm_eps, **kw) if cfg.qk_norm else None
+        self.core = causal_attention
+
+    def reset_parameters(self) -> None:
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+            nn.init.normal_(lin.weight, std=self.init_std)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [B, L, H], positions [L] -> [B, L, H]."""
+        b, n = x.shape[0], x.shape[1]
+        q = self.q_proj(x).view(b, n, -1, self.head_dim)  # [B, L, Hq, D]
+        k = self.k_proj(x).view(b, n, -1, self.head_dim)
+        v = self.v_proj(x).view(b, n, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, L, D]
+        q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
+        out = self.core(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        return self.o_proj(out)
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``+ ffn(norm(.))`` (dense or MoE)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, **kw)
+        self.attn = Attention(cfg, **kw)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, **kw)
+        self.is_moe = cfg.is_moe(layer)
+        if self.is_moe:
+            self.ffn = MoE(cfg.router_config(), cfg.moe_config(), **kw)
+        else:
+            self.ffn = SwiGLU(cfg.hidden_size, cfg.ffn_size, **kw)
+        self.init_std = cfg.init_std
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), positions)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """Token ids [B, L] int64 -> logits [B, L, V]."""
+
+    def __init__(self, cfg: ModelConfig, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.layers = nn.ModuleList(Block(cfg, i, **kw) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, **kw)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, **kw)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output projection when the config ties them (again
+        after ``to_empty`` or parallelization, which replace parameters)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every weight from the current RNG state (after ``to_empty``)."""
+        std = self.config.init_std
+        nn.init.normal_(self.embed.weight, std=std)
+        for m in self.modules():
+            if isinstance(m, SwiGLU):
+                for lin in (m.gate_proj, m.up_proj, m.down_proj):
+                    nn.init.normal_(lin.weight, std=std)
+            elif m is not self and hasattr(m, "reset_parameters") and not isinstance(
+                    m, (nn.Embedding, nn.Linear)):
+                m.reset_parameters()
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        self.tie_weights()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """input_ids [B, L] int64; positions [L] int64 (default ``arange(L)``) -> [B, L, V]."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h, positions)
+        return self.lm_head(self.norm(h))

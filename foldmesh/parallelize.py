@@ -1,0 +1,190 @@
+"""Apply the fold to a plain ``Transformer``: TP + SP, CP, MoE folding, activation checkpointing.
+
+``parallelize(model, fm)`` applies, in this order:
+
+1. **Tensor parallelism with sequence parallelism** over ``fm["tp"]`` (DTensor parallel
+   styles). Between blocks each rank holds its ``[b, S/(cp·tp), H]`` slice of the residual
+   stream; attention and dense MLPs all-gather it over tp, run column-parallel then
+   row-parallel projections (heads and FFN split over tp) and reduce-scatter back. Norms run
+   on the sequence shards with weights replicated over tp. TP comes first because it swaps
+   ``nn.Linear`` weights for DTensors, which the later steps must see.
+2. **Context parallelism** over ``fm["cp"]``: each rank keeps two load-balanced sequence
+   chunks (see ``foldmesh._sequence``); attention all-gathers K/V over cp.
+3. **MoE folding** (``foldmesh.moe.apply_moe_parallel``): each MoE layer takes the rank's
+   tokens onto the MoE view, experts over ep and FFN over etp.
+4. **Activation checkpointing** per block (optional): it wraps what the earlier steps built,
+   so recomputation replays their collectives too.
+
+Data parallelism (FSDP2 or replication) comes last and is applied by the user or by
+``foldmesh.apply_fsdp`` / ``foldmesh.reduce_gradients``: it must see the final parameters.
+
+The parallel model takes the global ``[B, S]`` token ids on every rank (or a DTensor from
+``foldmesh.distribute_tokens``) and returns logits ``[B, S, V]`` as a DTensor on
+``fm.attn_stage`` with placements ``(Shard(0), Shard(1), Shard(2))``: batch over dp, sequence
+over cp in load-balanced order, vocabulary over tp. docs/placements.md lists every boundary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from ._context_parallel import ContextParallelAttention
+from ._fold import FoldError
+from ._mesh import FoldedMesh
+from ._sequence import local_positions, local_tokens
+from .models import Transformer
+from .moe import apply_moe_parallel
+
+LOGITS = (Shard(0), Shard(1), Shard(2))
+"""Placements of the logits ``[B, S, V]`` on ``fm.attn_stage``."""
+
+AC_MODES = ("none", "full")
+
+
+def parallelize(model: Transformer, fm: FoldedMesh, *, dispatcher: str = "alltoall",
+                sequence_parallel: bool = True, activation_checkpoint: str = "none"
+                ) -> Transformer:
+    """Parallelize ``model`` in place over ``fm`` and return it (see the module docstring).
+
+    Call it on the model built on the meta device (or identical on every rank), before
+    ``to_empty``/``init_weights`` or loading weights, and before data parallelism.
+
+    Args:
+        model: a plain ``foldmesh.models.Transformer``.
+        fm: the folded mesh; pp must be 1.
+        dispatcher: the MoE token dispatcher, "alltoall" or "allgather".
+        sequence_parallel: must stay True when tp > 1: MoE layers need each tp rank to hold
+            different tokens.
+        activation_checkpoint: "none" or "full" (recompute every block in backward).
+
+    Raises:
+        FoldError: a size the fold cannot split, pp > 1, or tp > 1 without sequence
+            parallelism.
+    """
+    check_model(model, fm, sequence_parallel)
+    if activation_checkpoint not in AC_MODES:
+        raise FoldError(f"activation_checkpoint must be one of {AC_MODES}, "
+                        f"got {activation_checkpoint!r}")
+    if fm.fold.tp > 1:
+        apply_tp(model, fm)
+    if fm.fold.cp > 1:
+        for block in model.layers:
+            block.attn.core = ContextParallelAttention(fm)
+    for block in model.layers:
+        if block.is_moe:
+            apply_moe_parallel(block.ffn, fm, dispatcher=dispatcher)
+            # Gradients are divided by dp·cp (foldmesh.data_parallel) but a replica's
+            # balancing loss is summed over its cp·tp ranks once: scale its gradient by cp.
+            # A trainer accumulating micro-batches divides this by their number.
+            block.ffn.router.loss_scale = float(fm.fold.cp)
+    if activation_checkpoint == "full":
+        for i, block in enumerate(model.layers):
+            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+    model.register_forward_pre_hook(_shard_inputs(fm), with_kwargs=True)
+    model.register_forward_hook(_logits_out(fm))
+    return model
+
+
+def check_model(model: Transformer, fm: FoldedMesh, sequence_parallel: bool = True) -> None:
+    """Every size the fold splits, checked before anything changes; errors name the fix."""
+    cfg, f = model.config, fm.fold
+    if f.pp > 1:
+        raise FoldError(f"pp = {f.pp}: pipeline parallelism is not supported yet; set pp = 1 "
+                        "and fold those ranks into dp")
+    if f.tp > 1 and not sequence_parallel:
+        raise FoldError(
+            f"tp = {f.tp} without sequence parallelism: every tp rank would route the same "
+            "tokens through the MoE layers; keep sequence_parallel=True or set tp = 1"
+        )
+    splits = {"num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads,
+              "vocab_size": cfg.vocab_size}
+    if cfg.dense_layer_ids:
+        splits["ffn_size"] = cfg.ffn_size
+    if cfg.shared_ffn_size:
+        splits["shared_ffn_size"] = cfg.shared_ffn_size
+    for name, size in splits.items():
+        if size % f.tp:
+            raise FoldError(f"ModelConfig.{name} = {size} is not divisible by tp = {f.tp}; "
+                            f"choose tp dividing {size}")
+    if any(b.is_moe for b in model.layers):
+        f.check_experts(cfg.num_experts)
+        f.check_expert_ffn(cfg.expert_ffn_size)
+
+
+def apply_tp(model: Transformer, fm: FoldedMesh) -> None:
+    """Tensor + sequence parallelism over ``fm["tp"]`` (see the module docstring, step 1)."""
+    tp = fm["tp"]
+    seq = Shard(1)
+    parallelize_module(model, tp, {
+        # vocab-parallel embedding: partial sums reduce-scattered onto the sequence shards
+        "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
+        "norm": SequenceParallel(),
+        "lm_head": ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1),
+                                   use_local_output=False),
+    })
+    model.tie_weights()  # both styles shard the [V, H] matrix on V: one DTensor serves both
+    for block in model.layers:
+        plan = {
+            "attn_norm": SequenceParallel(),
+            # an MoE layer takes the rank's own tokens as a plain tensor (and returns one)
+            "ffn_norm": SequenceParallel(use_local_output=block.is_moe),
+            "attn": PrepareModuleInput(input_layouts=(seq, None),
+                                       desired_input_layouts=(Replicate(), None)),
+            "attn.q_proj": ColwiseParallel(),
+            "attn.k_proj": ColwiseParallel(),
+            "attn.v_proj": ColwiseParallel(),
+            "attn.o_proj": RowwiseParallel(output_layouts=seq),
+        }
+        if block.attn.q_norm is not None:
+            # per-head norms on this rank's heads [b, L, heads/tp, D]: weights replicated
+            plan["attn.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+            plan["attn.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        if not block.is_moe:
+            plan.update({
+                "ffn": PrepareModuleInput(input_layouts=(seq,),
+                                          desired_input_layouts=(Replicate(),)),
+                "ffn.gate_proj": ColwiseParallel(),
+                "ffn.up_proj": ColwiseParallel(),
+                "ffn.down_proj": RowwiseParallel(output_layouts=seq),
+            })
+        parallelize_module(block, tp, plan)
+
+
+def _shard_inputs(fm: FoldedMesh):
+    def hook(module, args, kwargs):
+        ids = args[0] if args else kwargs.pop("input_ids")
+        if "positions" in kwargs or len(args) > 1:
+            raise FoldError("a parallelized model computes positions itself; pass only the "
+                            "token ids")
+        local = local_tokens(ids, fm)
+        kwargs["positions"] = local_positions(ids.shape[1], fm, local.device)
+        module._fold_shape = (ids.shape[0], ids.shape[1])
+        return (local,), kwargs
+
+    return hook
+
+
+def _logits_out(fm: FoldedMesh):
+    def hook(module, args, out):
+        b, s = module.__dict__.pop("_fold_shape")
+        local = out.to_local(grad_placements=out.placements) if isinstance(out, DTensor) else out
+        shape = torch.Size((b, s, module.config.vocab_size))
+        return DTensor.from_local(local, fm.attn_stage, LOGITS, run_check=False, shape=shape,
+                                  stride=torch.empty(shape, device="meta").stride())
+
+    return hook
+
+
+def parallelized_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks, unwrapped from activation checkpointing."""
+    return [getattr(b, "_checkpoint_wrapped_module", b) for b in model.layers]
