@@ -98,3 +98,16 @@ def local_tokens(t: torch.Tensor, fm: FoldedMesh) -> torch.Tensor:
         check_sequence(t.shape[0], t.shape[1], fm)
         return t.to_local()
     return shard_tokens(t, fm)
+
+
+def replica_tokens(rows: torch.Tensor, fm: FoldedMesh) -> DTensor:
+    """This data-parallel replica's own ``[b, S]`` rows (token ids or labels) as the global
+    ``[dp·b, S]`` DTensor on ``fm.attn_stage`` with ``TOKENS`` placements: each replica reads
+    only its rows; the cp ranks keep their load-balanced chunks."""
+    check_sequence(rows.shape[0] * fm.fold.dp, rows.shape[1], fm)
+    local = rows
+    if fm.fold.cp > 1:
+        local = rows.index_select(1, local_positions(rows.shape[1], fm, rows.device))
+    shape = torch.Size((rows.shape[0] * fm.fold.dp, rows.shape[1]))
+    return DTensor.from_local(local.contiguous(), fm.attn_stage, TOKENS, run_check=False,
+                              shape=shape, stride=(shape[1], 1))

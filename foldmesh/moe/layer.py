@@ -99,6 +99,10 @@ class MoE(nn.Module):
         num_sequences = shape[0] if x.dim() == 3 else None
         tokens = x.reshape(-1, shape[-1])
         route = self.router(tokens, num_sequences=num_sequences)
+        cap = self.capacity_args(tokens)
+        # copies over capacity, for metrics: each expert keeps min(count, C) of this rank's
+        self.last_dropped = ((route.counts - cap["capacity"]).clamp(min=0).sum() if cap
+                             else route.counts.new_zeros(()))
         out = self.dispatcher(self, tokens, route.probs.to(tokens.dtype), route.indices)
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)

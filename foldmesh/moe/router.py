@@ -266,6 +266,7 @@ class Router(nn.Module):
         reductions: ``Reductions`` used when forward gets none (identity until a parallelize
             function installs one).
         loss_scale: gradient given to the attached losses (see ``forward``).
+        last_counts: [E] int64, this rank's top-k selections of the last forward (metrics).
         last_losses: dict of detached per-rank loss terms of the last forward, keys among
             "aux_loss", "seq_aux_loss", "global_aux_loss", "z_loss". The replica's value of a
             loss is the ``replica_sum`` of its terms; for "global_aux_loss" the global-batch
@@ -302,6 +303,7 @@ class Router(nn.Module):
         self.reductions: Reductions = Reductions()
         self.loss_scale: float = 1.0
         self.last_losses: dict[str, torch.Tensor] = {}
+        self.last_counts: torch.Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -354,6 +356,7 @@ class Router(nn.Module):
         logits = x.to(dt) @ red.shared_weight(self.weight).to(dt).t()  # [N, E]
         weights, indices, scores = route(logits, cfg, self.expert_bias)
         counts = expert_counts(indices, cfg.num_experts)  # [E]
+        self.last_counts = counts
         self.last_losses = {}
         if self.training and torch.is_grad_enabled():
             if self.local_counts is not None:

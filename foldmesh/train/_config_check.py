@@ -1,0 +1,219 @@
+"""``validate_config``: every setting checked against the others and the world size, before
+any process group, model or data exists.
+
+The checks mirror what would fail later, deep inside a run: ``Fold.resolve`` (the fold on
+the ranks), ``check_sequence`` (batch over dp, sequence over cp and tp), ``check_model``
+(model sizes over tp, ep and etp) and the data sources. Here each error names the
+``section.field`` to change, and the model's fields as ``model.overrides.<field>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+from .._fold import Fold, FoldError
+from ..models import PRESETS, ModelConfig
+from ._config_io import ConfigError, check_overrides, config_from_dict, config_to_dict, did_you_mean
+from ._sources import BYTE_VOCAB
+from .config import TrainConfig
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "fold.dispatcher": ("alltoall", "allgather"),
+    "fold.data_parallel": ("fsdp", "replicate"),
+    "fold.activation_checkpoint": ("none", "full"),
+    "data.source": ("stdlib", "tokens", "text"),
+    "data.dtype": ("uint16", "uint32"),
+    "training.dtype": ("auto", "bf16", "fp32"),
+    "training.on_nonfinite": ("stop", "skip"),
+    "training.device": ("auto", "cpu", "cuda"),
+}
+"""The allowed values of each string setting that is a choice."""
+
+RANGES: dict[str, tuple[object, str]] = {
+    "data.seq_len": (lambda v: v >= 1, "at least 1"),
+    # data.py takes the last val_fraction as validation: both splits must hold tokens
+    "data.val_fraction": (lambda v: 0 < v < 1, "strictly between 0 and 1"),
+    "data.max_bytes": (lambda v: v >= 1, "at least 1"),
+    "optimizer.lr": (lambda v: v > 0, "positive"),
+    "optimizer.min_lr_ratio": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "optimizer.warmup_steps": (lambda v: v >= 0, "0 or more"),
+    "optimizer.weight_decay": (lambda v: v >= 0, "0 or more"),
+    "optimizer.beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optimizer.beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optimizer.eps": (lambda v: v > 0, "positive"),
+    "optimizer.grad_clip": (lambda v: v >= 0, "0 (off) or positive"),
+    "training.steps": (lambda v: v >= 1, "at least 1"),
+    "training.global_batch": (lambda v: v >= 1, "at least 1"),
+    "training.micro_batch": (lambda v: v >= 0, "0 (no accumulation) or positive"),
+    "training.val_every": (lambda v: v >= 0, "0 (never) or positive"),
+    "training.val_batches": (lambda v: v >= 1, "at least 1"),
+    "training.stop_after": (lambda v: v >= 0, "0 (run to training.steps) or positive"),
+    "training.fail_at_step": (lambda v: v >= 0, "0 (off) or positive"),
+    "checkpoint.every": (lambda v: v >= 0, "0 (only at the end) or positive"),
+    "checkpoint.keep": (lambda v: v >= 1, "at least 1"),
+    "metrics.log_every": (lambda v: v >= 1, "at least 1"),
+}
+"""Numeric settings and the values they allow (NaN fails every comparison, so it is caught)."""
+
+
+def _get(cfg: TrainConfig, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _hf_model_config(path: str) -> ModelConfig:
+    from ..hf import CheckpointError, config_from_hf
+    from ..hf._load import read_config
+
+    try:
+        return config_from_hf(read_config(Path(path)))[0]
+    except CheckpointError as e:
+        raise ConfigError(f"model.hf_path = {path!r}: {e}") from None
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    """The model's ``ModelConfig``: ``model.preset`` (or, when set, ``model.hf_path``'s
+    config.json) with ``model.overrides`` applied. Raises ``ConfigError`` naming the setting."""
+    m = cfg.model
+    overrides = check_overrides(m.overrides)
+    if m.hf_path:
+        base, origin = _hf_model_config(m.hf_path), f"model.hf_path = {m.hf_path!r}"
+    elif m.preset not in PRESETS:
+        raise ConfigError(f"model.preset = {m.preset!r} is not a model preset: choose one of "
+                          f"{', '.join(PRESETS)} or set model.hf_path"
+                          f"{did_you_mean(m.preset, PRESETS)}")
+    else:
+        base, origin = PRESETS[m.preset], f"model.preset = {m.preset!r}"
+    try:
+        return dataclasses.replace(base, **overrides)
+    except ValueError as e:
+        where = f"model.overrides = {overrides}" if overrides else origin
+        raise ConfigError(f"{where} gives an invalid model: {e}; fix model.overrides") from None
+
+
+def _resolve_fold(cfg: TrainConfig, world_size: int) -> Fold:
+    f = cfg.fold
+    if f.pp > 1:
+        raise ConfigError(f"fold.pp = {f.pp}: pipeline parallelism is not supported yet; set "
+                          "fold.pp = 1 (fold those ranks into fold.dp)")
+    degrees = dict(tp=f.tp, cp=f.cp, dp=f.dp, pp=f.pp, ep=f.ep, etp=f.etp, edp=f.edp)
+    try:
+        return Fold(**degrees).resolve(world_size)
+    except FoldError as e:
+        shown = " ".join(f"fold.{k}={v}" for k, v in degrees.items())
+        raise ConfigError(f"the fold ({shown}) does not fit world size {world_size}: "
+                          f"{str(e).replace('Fold.', 'fold.')}") from None
+
+
+def _check_batch(cfg: TrainConfig, fold: Fold, world_size: int) -> None:
+    t, dp = cfg.training, fold.dp
+    if t.global_batch % dp:
+        raise ConfigError(
+            f"training.global_batch = {t.global_batch} is not divisible by dp = {dp} "
+            f"(data-parallel replicas of {world_size} ranks with fold.tp*fold.cp*fold.pp = "
+            f"{fold.tp * fold.cp * fold.pp}); set training.global_batch to a multiple of {dp}"
+        )
+    per_replica = t.global_batch // dp
+    if t.micro_batch and per_replica % t.micro_batch:
+        raise ConfigError(
+            f"training.micro_batch = {t.micro_batch} does not divide the {per_replica} "
+            f"sequences per replica (training.global_batch {t.global_batch} / dp {dp}); "
+            f"choose one of {_divisors(per_replica)}, or 0 for no accumulation"
+        )
+
+
+def _check_seq_len(seq: int, fold: Fold) -> None:
+    cp, tp = fold.cp, fold.tp
+    if (cp > 1 and seq % (2 * cp)) or (seq // cp) % tp:
+        # smallest length with seq % 2cp == 0 and (seq / cp) % tp == 0
+        need = cp * math.lcm(2, tp) if cp > 1 else tp
+        why = (f"context parallelism cuts it into 2*fold.cp = {2 * cp} load-balanced chunks "
+               f"and " if cp > 1 else "")
+        raise ConfigError(
+            f"data.seq_len = {seq} does not split over the fold: {why}sequence parallelism "
+            f"splits each rank's seq_len/fold.cp tokens over fold.tp = {tp}; use a multiple "
+            f"of {need}, e.g. {need * max(1, round(seq / need))}"
+        )
+
+
+def _check_model(cfg: TrainConfig, mc: ModelConfig, fold: Fold) -> None:
+    """The sizes ``foldmesh.parallelize.check_model`` splits, against the fold."""
+    source = (f"model.hf_path {cfg.model.hf_path!r}" if cfg.model.hf_path
+              else f"model.preset {cfg.model.preset!r}")
+
+    def fail(name: str, size: int, axis: str, degree: int, what: str):
+        origin = "model.overrides" if name in cfg.model.overrides else source
+        raise ConfigError(
+            f"the model's {name} = {size} (from {origin}) is not divisible by fold.{axis} = "
+            f"{degree}: {what}; choose fold.{axis} from {_divisors(size)} or set "
+            f"model.overrides.{name} to a multiple of {degree}"
+        )
+
+    splits = {"num_heads": mc.num_heads, "num_kv_heads": mc.num_kv_heads,
+              "vocab_size": mc.vocab_size}
+    if mc.dense_layer_ids:
+        splits["ffn_size"] = mc.ffn_size
+    if mc.shared_ffn_size:
+        splits["shared_ffn_size"] = mc.shared_ffn_size
+    for name, size in splits.items():
+        if size % fold.tp:
+            fail(name, size, "tp", fold.tp, "tensor parallelism splits it over the tp ranks")
+    if len(mc.dense_layer_ids) < mc.num_layers:  # some layer is MoE
+        if mc.num_experts % fold.ep:
+            fail("num_experts", mc.num_experts, "ep", fold.ep,
+                 "expert parallelism gives each ep rank the same number of experts")
+        if mc.expert_ffn_size % fold.etp:
+            fail("expert_ffn_size", mc.expert_ffn_size, "etp", fold.etp,
+                 "expert tensor parallelism splits each expert's FFN over the etp ranks")
+    if cfg.data.source in ("stdlib", "text") and mc.vocab_size < BYTE_VOCAB:
+        raise ConfigError(
+            f"data.source = {cfg.data.source!r} reads bytes (ids 0..255) but the model's "
+            f"vocab_size = {mc.vocab_size} (from {source}); set model.overrides.vocab_size = "
+            f"{BYTE_VOCAB} or more"
+        )
+
+
+def _check_data_path(cfg: TrainConfig) -> None:
+    d = cfg.data
+    if d.source not in ("tokens", "text"):
+        return
+    if not d.path:
+        raise ConfigError(f"data.source = {d.source!r} needs data.path: set it to a file or "
+                          "a directory" + (" of *.bin token files" if d.source == "tokens" else ""))
+    if not Path(d.path).exists():
+        raise ConfigError(f"data.path = {d.path!r} does not exist (data.source = {d.source!r}); "
+                          "fix data.path (relative paths start at the working directory)")
+
+
+def validate_config(cfg: TrainConfig, world_size: int) -> None:
+    """Raise ``ConfigError`` unless ``cfg`` can run on ``world_size`` ranks.
+
+    Checked: value types, choices and ranges; the fold on the world (pp must be 1); the
+    global batch over dp and micro-batches; ``data.seq_len`` over cp and tp; the model preset
+    (or ``model.hf_path``'s config.json) with ``model.overrides``, its sizes over tp, ep and
+    etp, and its vocabulary against byte-level data; ``data.path`` for file sources.
+    Not checked: whether ``training.device = "cuda"`` has a GPU (the trainer finds out).
+    """
+    # A config built in Python skipped config_from_dict's type checks.
+    config_from_dict(config_to_dict(cfg))
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            value = _get(cfg, key)
+            raise ConfigError(f"{key} = {value!r} is not allowed; choose one of "
+                              f"{', '.join(map(repr, allowed))}{did_you_mean(value, allowed)}")
+    for key, (ok, allowed) in RANGES.items():
+        if not ok(_get(cfg, key)):
+            raise ConfigError(f"{key} = {_get(cfg, key)!r} must be {allowed}")
+    if not cfg.checkpoint.dir:
+        raise ConfigError("checkpoint.dir is empty; set it to the run's directory")
+    fold = _resolve_fold(cfg, world_size)
+    _check_batch(cfg, fold, world_size)
+    _check_seq_len(cfg.data.seq_len, fold)
+    _check_model(cfg, model_config(cfg), fold)
+    _check_data_path(cfg)

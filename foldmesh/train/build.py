@@ -1,0 +1,115 @@
+"""Everything a run needs before its first step: process group, fold, model, optimizer.
+
+The order is the one ``foldmesh.parallelize`` documents: build on the meta device,
+parallelize, materialise, initialise (or load Hugging Face weights), then data parallelism.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy
+
+from .. import Fold, apply_fsdp, parallelize
+from ..hf import from_pretrained
+from ..models import ModelConfig, Transformer, preset
+from .config import TrainConfig
+
+
+def init_distributed(device: str) -> torch.device:
+    """Join (or, run without torchrun, create) the process group; return this rank's device."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # a plain `python -m foldmesh.train`: one rank
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
+        backend = "nccl" if device == "cuda" else "gloo"
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            dist.init_process_group(backend, store=_attempt_store(), rank=int(
+                os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        else:
+            dist.init_process_group(backend)
+    return torch.device(device, torch.cuda.current_device()) if device == "cuda" \
+        else torch.device("cpu")
+
+
+def _attempt_store() -> dist.Store:
+    """torchrun's store, namespaced by restart attempt. Under ``--max-restarts`` the store
+    outlives the workers, and a restarted gloo group would otherwise read the dead ranks'
+    addresses left in it ("Gloo connectFullMesh failed ... Connection refused")."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent and rank == 0, multi_tenant=not agent)
+    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    return dist.PrefixStore(f"foldmesh/attempt-{attempt}/", store)
+
+
+def build_fold(cfg: TrainConfig, device: torch.device):
+    f = cfg.fold
+    fold = Fold(tp=f.tp, cp=f.cp, dp=f.dp, pp=f.pp, ep=f.ep, etp=f.etp, edp=f.edp)
+    return fold.build(device.type)
+
+
+def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    name = cfg.training.dtype
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if name == "bf16" else torch.float32
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    return replace(preset(cfg.model.preset), **cfg.model.overrides)
+
+
+def build_model(cfg: TrainConfig, fm, device: torch.device) -> Transformer:
+    """The parallelized model with fp32 weights, initialised from ``training.seed`` (every
+    rank the same draws, so replicated weights agree) or loaded from ``model.hf_path``."""
+    f = cfg.fold
+    kw = dict(dispatcher=f.dispatcher, activation_checkpoint=f.activation_checkpoint)
+    if cfg.model.hf_path:
+        model = from_pretrained(cfg.model.hf_path, mesh=fm, device=device,
+                                config_overrides=cfg.model.overrides or None, **kw)
+        model.train()
+    else:
+        with torch.device("meta"):
+            model = Transformer(model_config(cfg))
+        parallelize(model, fm, **kw)
+        model.to_empty(device=device)
+        torch.manual_seed(cfg.training.seed)
+        model.init_weights()
+    if f.data_parallel == "fsdp":
+        dtype = compute_dtype(cfg, device)
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        apply_fsdp(model, fm, mp_policy=mp)
+    return model
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
+    """AdamW without weight decay on norms, biases and other vectors; warm-up then cosine."""
+    o = cfg.optimizer
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": o.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                            foreach=True)
+    total = cfg.training.steps
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        t = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * cosine
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)

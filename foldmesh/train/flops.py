@@ -1,0 +1,47 @@
+"""Model FLOPs per token and MFU, counted as the paper counts them.
+
+Training FLOPs per token = 6 · N_active + 6 · L · S · Hq · D, where
+
+- N_active: parameters a token's matmuls use — attention projections, dense MLPs, the shared
+  expert, the router and only the k routed experts it is sent to (not all E), plus the output
+  projection; the embedding lookup is not a matmul and is not counted;
+- 6 = 2 FLOPs per multiply-add × (forward + backward, which costs twice the forward);
+- the second term is attention itself: Q·Kᵀ and A·V cost 2·S·D FLOPs per head and token each
+  in the forward, halved by the causal mask, times 3 for forward and backward.
+
+MFU = achieved model FLOPs per second per GPU / the GPU's peak dense BF16 rate.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models import ModelConfig
+
+PEAK_BF16_FLOPS = {"H100": 989.5e12, "H200": 989.5e12, "H800": 989.5e12, "A100": 312e12,
+                   "B200": 2250e12}
+
+
+def active_matmul_params(cfg: ModelConfig) -> int:
+    """N_active above."""
+    embedding = cfg.vocab_size * cfg.hidden_size
+    total = cfg.num_params(active=True)
+    if not cfg.tie_embeddings:
+        return total - embedding  # keep the output projection, drop the lookup table
+    return total  # tied: the one matrix is used as the output projection
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    attention = 6 * cfg.num_layers * seq_len * cfg.num_heads * cfg.resolved_head_dim
+    return 6 * active_matmul_params(cfg) + attention
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak dense BF16 FLOP/s of one ``device``; None on CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None

@@ -1,0 +1,251 @@
+"""The training loop: micro-batches, clipping, the optimizer, validation, checkpoints, metrics.
+
+Launch (the config's docstrings list every field; see configs/):
+
+    torchrun --nproc-per-node 8 -m foldmesh.train --config configs/demo.toml
+
+One optimizer step: each data-parallel replica reads its own rows of the global batch, runs
+``global_batch / dp / micro_batch`` micro-batches (gradient synchronisation only on the last
+one under FSDP), scales each micro-batch's loss and balancing losses by their number, reduces
+gradients (FSDP in backward, or ``reduce_gradients``), clips the global norm, steps AdamW
+and the schedule, and updates the routers' expert biases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import time
+
+import torch
+import torch.distributed as dist
+
+from .. import clip_grad_norm_, cross_entropy, reduce_gradients
+from .._sequence import replica_tokens
+from ..moe import MoE, Router
+from . import checkpoint as ckpt
+from .build import (
+    build_fold,
+    build_model,
+    build_optimizer,
+    compute_dtype,
+    init_distributed,
+)
+from .config import TrainConfig
+from .data import build_data
+from .flops import flops_per_token, peak_flops
+from .metrics import MetricsLogger
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient norm with ``training.on_nonfinite = "stop"``."""
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.device = init_distributed(cfg.training.device)
+        self.rank = dist.get_rank()
+        if cfg.training.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.fm = build_fold(cfg, self.device)
+        f = self.fm.fold
+        self.dp, self.cp = f.dp, f.cp
+        self.model = build_model(cfg, self.fm, self.device)
+        self.model_cfg = self.model.config
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
+        t = cfg.training
+        self.rows = t.global_batch // self.dp  # this replica's sequences per step
+        self.micro = t.micro_batch or self.rows
+        self.n_micro = self.rows // self.micro
+        self.train_data, self.val_data = build_data(cfg.data, t.global_batch, t.seed)
+        self.moe = [m for m in self.model.modules() if isinstance(m, MoE)]
+        self.routers = [m for m in self.model.modules() if isinstance(m, Router)]
+        for r in self.routers:  # see foldmesh.parallelize: cp, per micro-batch
+            r.loss_scale = self.cp / self.n_micro
+        self.dtype = compute_dtype(cfg, self.device)
+        self.step = 0
+        self.log = MetricsLogger(cfg.checkpoint.dir, t.steps, progress=cfg.metrics.progress,
+                                 enabled=self.rank == 0)
+        self.flops = flops_per_token(self.model_cfg, cfg.data.seq_len)
+        self.peak = peak_flops(self.device)
+
+    # ------------------------------------------------------------------ checkpoints
+    def resume(self) -> None:
+        if not self.cfg.checkpoint.resume:
+            return
+        path = ckpt.latest(self.cfg.checkpoint.dir)
+        if path is None:
+            return
+        extra = ckpt.load(path, self.model, self.optimizer)
+        self.step = extra["step"]
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.train_data.load_state_dict(extra["data"])
+        self.log.log_event(self.step, f"resumed from {path} (step {self.step}, written by "
+                                      f"{extra['world_size']} ranks with {extra['fold']})")
+
+    def save(self) -> None:
+        extra = {"scheduler": self.scheduler.state_dict(), "data": self.train_data.state_dict(),
+                 "world_size": dist.get_world_size(), "fold": repr(self.fm.fold)}
+        path = ckpt.save(self.cfg.checkpoint.dir, self.step, self.model, self.optimizer, extra,
+                         self.cfg.checkpoint.keep)
+        self.log.log_event(self.step, f"checkpoint {path}")
+
+    # ------------------------------------------------------------------ one step
+    def _autocast(self):
+        if self.device.type == "cuda" and self.dtype != torch.float32 \
+                and self.cfg.fold.data_parallel == "replicate":
+            return torch.autocast("cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    def _micro_batches(self, data, step: int):
+        d = self.fm.coordinate("dp")
+        for i in range(self.n_micro):
+            start = d * self.rows + i * self.micro
+            rows = data.batch(step, range(start, start + self.micro)).to(self.device)
+            yield replica_tokens(rows[:, :-1], self.fm), replica_tokens(rows[:, 1:], self.fm)
+
+    def train_step(self) -> dict:
+        fsdp = self.cfg.fold.data_parallel == "fsdp"
+        loss_sum = torch.zeros((), device=self.device)
+        aux = {}
+        counts = torch.zeros(len(self.moe), self.model_cfg.num_experts, dtype=torch.int64,
+                             device=self.device)
+        dropped = torch.zeros(len(self.moe), dtype=torch.int64, device=self.device)
+        for i, (ids, labels) in enumerate(self._micro_batches(self.train_data, self.step)):
+            if fsdp:
+                self.model.set_requires_gradient_sync(i == self.n_micro - 1)
+            with self._autocast():
+                logits = self.model(ids)
+            loss = cross_entropy(logits, labels, self.fm)
+            (loss / self.n_micro).backward()
+            loss_sum += loss.detach()
+            for layer, moe in enumerate(self.moe):
+                counts[layer] += moe.router.last_counts
+                dropped[layer] += moe.last_dropped
+                for name, v in moe.router.last_losses.items():
+                    aux[name] = aux.get(name, 0.0) + v.float()
+        if not fsdp:
+            reduce_gradients(self.model, self.fm)
+        clip = self.cfg.optimizer.grad_clip
+        norm = clip_grad_norm_(self.model, self.fm, clip if clip > 0 else float("inf"))
+        # losses: mean over micro-batches and over the dp·cp token shards
+        stats = torch.stack([loss_sum / self.n_micro, norm.to(loss_sum.dtype)])
+        dist.all_reduce(stats[:1], group=self.fm["dp_cp"].get_group())
+        loss_value = stats[0] / (self.dp * self.cp)
+        # NOTE: host synchronisation, once per step: the non-finite check decides the step.
+        loss_f, norm_f = float(loss_value), float(stats[1])
+        finite = bool(torch.isfinite(torch.tensor([loss_f, norm_f])).all())
+        skipped = False
+        if not finite:
+            msg = (f"step {self.step + 1}: non-finite "
+                   f"{'loss' if not torch.isfinite(torch.tensor(loss_f)) else 'gradient norm'} "
+                   f"(loss {loss_f}, grad norm {norm_f})")
+            if self.cfg.training.on_nonfinite == "stop":
+                raise NonFiniteError(msg + "; the weights were not updated. Lower "
+                                     "optimizer.lr or set training.on_nonfinite = 'skip'")
+            self.log.log_event(self.step + 1, "skipped " + msg)
+            skipped = True
+        if not skipped:
+            self.optimizer.step()
+            for r in self.routers:
+                if r.expert_bias is not None:
+                    r.update_expert_bias()
+        self.optimizer.zero_grad(set_to_none=True)
+        for r in self.routers:
+            r.reset_global_counts()
+        self.scheduler.step()
+        self.step += 1
+        return dict(loss=loss_f, grad_norm=norm_f, aux=aux, counts=counts, dropped=dropped,
+                    skipped=skipped)
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for i in range(self.cfg.training.val_batches):
+            for ids, labels in self._micro_batches(self.val_data, i):
+                with self._autocast():
+                    total += cross_entropy(self.model(ids), labels, self.fm)
+        self.model.train()
+        dist.all_reduce(total, group=self.fm["dp_cp"].get_group())
+        n = self.cfg.training.val_batches * self.n_micro * self.dp * self.cp
+        return float(total) / n
+
+    # ------------------------------------------------------------------ metrics
+    def _record(self, out: dict, seconds: float, steps: int) -> dict:
+        tokens = self.cfg.training.global_batch * self.cfg.data.seq_len * steps
+        tps = tokens / seconds
+        mfu = None
+        if self.peak is not None:
+            mfu = tps * self.flops / dist.get_world_size() / self.peak
+        # expert load over the whole stage (one collective per log interval)
+        counts, dropped = out["counts"], out["dropped"]
+        both = torch.cat([counts, dropped[:, None]], dim=1)
+        dist.all_reduce(both, group=self.fm["dp_cp_tp"].get_group())
+        both = both.cpu()
+        experts = {}
+        for layer, row in enumerate(both):
+            c = row[:-1].double()
+            total = c.sum().item()
+            experts[str(layer)] = {
+                "counts": row[:-1].tolist(),
+                "max_over_mean": (c.max() / c.mean()).item() if total else 0.0,
+                "dropped": row[-1].item() / total if total else 0.0,
+            }
+        aux = {k: v.clone() for k, v in out["aux"].items()}
+        for v in aux.values():  # per-rank terms add up over the stage; mean over replicas
+            dist.all_reduce(v, group=self.fm["dp_cp_tp"].get_group())
+        aux = {k: float(v) / self.n_micro / self.dp for k, v in aux.items()}
+        if self.device.type == "cuda":
+            peak_mem = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:  # the process's peak resident memory (kilobytes on Linux)
+            peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return dict(step=self.step, loss=out["loss"], aux_loss=aux.get("aux_loss"),
+                    z_loss=aux.get("z_loss"), lr=self.scheduler.get_last_lr()[0],
+                    grad_norm=out["grad_norm"], tokens_per_s=tps, mfu=mfu,
+                    peak_mem_gib=peak_mem, step_time_s=seconds / steps,
+                    skipped=out["skipped"], experts=experts)
+
+    # ------------------------------------------------------------------ the run
+    def fit(self) -> None:
+        cfg, t = self.cfg, self.cfg.training
+        self.resume()
+        self.log.start_step = self.step
+        every = cfg.metrics.log_every
+        tick, since = time.perf_counter(), 0
+        tokens_per_step = t.global_batch * cfg.data.seq_len
+        last = min(t.steps, self.step + t.stop_after) if t.stop_after else t.steps
+        while self.step < last:
+            if (t.fail_at_step and self.step + 1 == t.fail_at_step and self.rank == 1
+                    and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0):
+                print(f"fault injection: rank 1 exits before step {self.step + 1}", flush=True)
+                os._exit(1)
+            start = time.perf_counter()
+            out = self.train_step()
+            since += 1
+            if self.step % every == 0 or self.step == last:
+                seconds = time.perf_counter() - tick
+                self.log.log_train(self._record(out, seconds, since))
+                tick, since = time.perf_counter(), 0
+            self.log.progress_update(self.step, out["loss"],
+                                     tokens_per_step / (time.perf_counter() - start))
+            if t.val_every and (self.step % t.val_every == 0 or self.step == t.steps):
+                self.log.log_val(self.step, self.validate())
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 \
+                    and self.step < last:
+                self.save()
+        self.save()
+        if self.step < t.steps:
+            self.log.log_event(self.step, f"stopped after {t.stop_after} steps (stop_after); "
+                                          "launch again to resume")
+            self.log.close()
+            return
+        self.log.close()
+        if cfg.checkpoint.export_hf:
+            from ..hf import save_pretrained
+            save_pretrained(self.model, f"{cfg.checkpoint.dir}/hf")
+        if cfg.metrics.plots and self.rank == 0:
+            from ..plot import plot_run
+            plot_run(cfg.checkpoint.dir)
