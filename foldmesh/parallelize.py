@@ -106,13 +106,7 @@ def check_model(model: Transformer, fm: FoldedMesh, sequence_parallel: bool = Tr
             f"tp = {f.tp} without sequence parallelism: every tp rank would route the same "
             "tokens through the MoE layers; keep sequence_parallel=True or set tp = 1"
         )
-    splits = {"num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads,
-              "vocab_size": cfg.vocab_size}
-    if cfg.dense_layer_ids:
-        splits["ffn_size"] = cfg.ffn_size
-    if cfg.shared_ffn_size:
-        splits["shared_ffn_size"] = cfg.shared_ffn_size
-    for name, size in splits.items():
+    for name, size in cfg.tp_split_sizes().items():
         if size % f.tp:
             raise FoldError(f"ModelConfig.{name} = {size} is not divisible by tp = {f.tp}; "
                             f"choose tp dividing {size}")

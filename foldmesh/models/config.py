@@ -109,6 +109,16 @@ class ModelConfig:
     def dense_layer_ids(self) -> tuple[int, ...]:
         return tuple(i for i in range(self.num_layers) if not self.is_moe(i))
 
+    def tp_split_sizes(self) -> dict[str, int]:
+        """The sizes tensor parallelism splits over tp (only those the model uses)."""
+        sizes = {"num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads,
+                 "vocab_size": self.vocab_size}
+        if self.dense_layer_ids:
+            sizes["ffn_size"] = self.ffn_size
+        if self.shared_ffn_size:
+            sizes["shared_ffn_size"] = self.shared_ffn_size
+        return sizes
+
     def router_config(self) -> RouterConfig:
         return RouterConfig(
             hidden_size=self.hidden_size, num_experts=self.num_experts, topk=self.topk,

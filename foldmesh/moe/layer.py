@@ -68,7 +68,8 @@ class MoE(nn.Module):
     """Top-k routed SwiGLU experts plus an optional shared expert.
 
     ``forward(x)``: x [B, L, H] or [N, H] -> same shape. The routing weights multiply the
-    expert outputs when the k copies of a token are combined.
+    expert outputs when the k copies of a token are combined. ``last_dropped`` ([] int64)
+    counts the copies of this rank's tokens the capacity dropped in the last forward.
     """
 
     def __init__(self, router: RouterConfig, config: MoEConfig, *, device=None, dtype=None):

@@ -14,6 +14,11 @@ that carry no gradient:
   top-k counts, token count (and per-sequence counts), when aux, seq-aux or z-loss is on;
 - ``global_sum`` over dp x cp x tp, ``[E + 1]``, when the global aux loss is on.
 
+Distributed, the gate weight also passes through ``Reductions.shared_weight``: identity
+forward, and in backward its gradient is all-reduced over the tp ranks (which share the
+weight but route different tokens), so it ends complete for the tp group like every other
+tensor-parallel weight's.
+
 Every rank of a group must call forward the same number of times (these are collectives).
 """
 

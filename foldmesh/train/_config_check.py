@@ -155,13 +155,7 @@ def _check_model(cfg: TrainConfig, mc: ModelConfig, fold: Fold) -> None:
             f"model.overrides.{name} to a multiple of {degree}"
         )
 
-    splits = {"num_heads": mc.num_heads, "num_kv_heads": mc.num_kv_heads,
-              "vocab_size": mc.vocab_size}
-    if mc.dense_layer_ids:
-        splits["ffn_size"] = mc.ffn_size
-    if mc.shared_ffn_size:
-        splits["shared_ffn_size"] = mc.shared_ffn_size
-    for name, size in splits.items():
+    for name, size in mc.tp_split_sizes().items():
         if size % fold.tp:
             fail(name, size, "tp", fold.tp, "tensor parallelism splits it over the tp ranks")
     if len(mc.dense_layer_ids) < mc.num_layers:  # some layer is MoE

@@ -172,3 +172,45 @@ def test_demo_config_learns(tmp_path):
     assert ckpt.latest(run).name == "step-00000030"
     for png in ("loss.png", "throughput.png", "expert_load.png"):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def single(run_dir: Path, *args: str):
+    """One process, no torchrun: the debug preset's fold is all 1."""
+    cmd = [sys.executable, "-m", "foldmesh.train", "--preset", "debug", "--checkpoint.dir",
+           str(run_dir), "--metrics.progress", "false", "--metrics.plots", "false",
+           "--training.val_every", "0", "--data.max_bytes", "200000",
+           "--metrics.log_every", "1", *args]
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+
+
+def test_nonfinite_loss_stops_naming_the_step(tmp_path):
+    out = single(tmp_path / "nan", "--optimizer.lr", "1e30", "--optimizer.warmup_steps", "1",
+                 "--optimizer.grad_clip", "0", "--training.steps", "4")
+    assert out.returncode != 0
+    assert "non-finite" in out.stderr and "step 2" in out.stderr, out.stderr[-3000:]
+
+
+def test_nonfinite_steps_are_skipped_when_asked(tmp_path):
+    run = tmp_path / "skip"
+    out = single(run, "--optimizer.lr", "1e30", "--optimizer.warmup_steps", "1",
+                 "--optimizer.grad_clip", "0", "--training.steps", "4",
+                 "--training.on_nonfinite", "skip")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert any(e.startswith("skipped step") for e in events(run))
+
+
+def test_accumulation_matches_one_big_batch_and_exports(tmp_path):
+    whole = single(tmp_path / "whole", "--training.steps", "3", "--training.deterministic",
+                   "true")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    run = tmp_path / "accumulated"
+    acc = single(run, "--training.steps", "3", "--training.deterministic", "true",
+                 "--training.micro_batch", "2", "--checkpoint.export_hf", "true")
+    assert acc.returncode == 0, acc.stderr[-3000:]
+    a, b = losses(tmp_path / "whole"), losses(run)
+    assert a.keys() == b.keys() and all(b[k] == pytest.approx(a[k], rel=1e-5) for k in a)
+    from foldmesh import from_pretrained
+
+    model = from_pretrained(run / "hf")  # the exported Hugging Face directory loads back
+    assert model.config.vocab_size == 256
