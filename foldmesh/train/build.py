@@ -13,6 +13,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor
 
 from .. import Fold, apply_fsdp, parallelize
 from ..hf import from_pretrained
@@ -93,6 +94,16 @@ def build_model(cfg: TrainConfig, fm, device: torch.device) -> Transformer:
     return model
 
 
+def set_foreach(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+    """Use the foreach kernels unless DTensors and plain tensors sit side by side, which they
+    cannot mix: replication leaves whole dense weights next to expert shards, while FSDP makes
+    every weight a DTensor. Called again after loading a checkpoint, which restores the
+    writer's setting."""
+    kinds = {isinstance(p, DTensor) for p in model.parameters()}
+    for group in optimizer.param_groups:
+        group["foreach"] = len(kinds) == 1
+
+
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
     """AdamW without weight decay on norms, biases and other vectors; warm-up then cosine."""
     o = cfg.optimizer
@@ -101,8 +112,8 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
         (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": o.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                            foreach=True)
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    set_foreach(opt, model)
     total = cfg.training.steps
 
     def factor(step: int) -> float:

@@ -31,6 +31,7 @@ from .build import (
     build_optimizer,
     compute_dtype,
     init_distributed,
+    set_foreach,
 )
 from .config import TrainConfig
 from .data import build_data
@@ -79,6 +80,7 @@ class Trainer:
         if path is None:
             return
         extra = ckpt.load(path, self.model, self.optimizer)
+        set_foreach(self.optimizer, self.model)
         self.step = extra["step"]
         self.scheduler.load_state_dict(extra["scheduler"])
         self.train_data.load_state_dict(extra["data"])
