@@ -27,7 +27,6 @@ over cp in load-balanced order, vocabulary over tp. docs/placements.md lists eve
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -177,8 +176,3 @@ def _logits_out(fm: FoldedMesh):
                                   stride=torch.empty(shape, device="meta").stride())
 
     return hook
-
-
-def parallelized_blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks, unwrapped from activation checkpointing."""
-    return [getattr(b, "_checkpoint_wrapped_module", b) for b in model.layers]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -17,7 +16,8 @@ from torch.distributed.tensor import DTensor
 
 from .. import Fold, apply_fsdp, parallelize
 from ..hf import from_pretrained
-from ..models import ModelConfig, Transformer, preset
+from ..models import Transformer
+from ._config_check import model_config
 from .config import TrainConfig
 
 
@@ -65,10 +65,6 @@ def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     if name == "auto":
         name = "bf16" if device.type == "cuda" else "fp32"
     return torch.bfloat16 if name == "bf16" else torch.float32
-
-
-def model_config(cfg: TrainConfig) -> ModelConfig:
-    return replace(preset(cfg.model.preset), **cfg.model.overrides)
 
 
 def build_model(cfg: TrainConfig, fm, device: torch.device) -> Transformer:

@@ -5,6 +5,7 @@ configurations fail before training.
 """
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -216,3 +217,13 @@ def test_accumulation_matches_one_big_batch_and_exports(tmp_path):
 
     model = from_pretrained(run / "hf")  # the exported Hugging Face directory loads back
     assert model.config.vocab_size == 256
+
+
+def test_bf16_compute_runs(tmp_path):
+    """bf16 parameters in compute (FSDP mixed precision), fp32 weights and reductions: the
+    GPU default, here on CPU so that the path is exercised without a GPU."""
+    run = tmp_path / "bf16"
+    out = single(run, "--training.steps", "4", "--training.dtype", "bf16")
+    assert out.returncode == 0, out.stderr[-3000:]
+    curve = losses(run)
+    assert sorted(curve) == [1, 2, 3, 4] and all(math.isfinite(v) for v in curve.values())
