@@ -66,24 +66,31 @@ def local_positions(seq: int, fm: FoldedMesh, device=None) -> torch.Tensor:
     return sequence_order(seq, cp)[r * n:(r + 1) * n].to(device)
 
 
-def shard_tokens(t: torch.Tensor, fm: FoldedMesh) -> torch.Tensor:
-    """This rank's ``[b, S/cp, ...]`` block of a global ``[B, S, ...]`` tensor (the same on
-    every rank): its dp rank's sequences, its cp rank's load-balanced chunks."""
+def _dp_rows(t: torch.Tensor, fm: FoldedMesh) -> torch.Tensor:
+    """This rank's data-parallel replica's sequences of a global ``[B, S, ...]`` tensor."""
     check_sequence(t.shape[0], t.shape[1], fm)
     b = t.shape[0] // fm.fold.dp
     d = fm.coordinate("dp")
-    t = t[d * b:(d + 1) * b]
-    pos = local_positions(t.shape[1], fm, t.device)
-    return t if fm.fold.cp == 1 else t.index_select(1, pos)
+    return t[d * b:(d + 1) * b]
+
+
+def _cp_chunks(rows: torch.Tensor, fm: FoldedMesh) -> torch.Tensor:
+    """This cp rank's load-balanced chunks of a replica's ``[b, S, ...]`` rows."""
+    if fm.fold.cp == 1:
+        return rows
+    return rows.index_select(1, local_positions(rows.shape[1], fm, rows.device))
+
+
+def shard_tokens(t: torch.Tensor, fm: FoldedMesh) -> torch.Tensor:
+    """This rank's ``[b, S/cp, ...]`` block of a global ``[B, S, ...]`` tensor (the same on
+    every rank): its dp rank's sequences, its cp rank's load-balanced chunks."""
+    return _cp_chunks(_dp_rows(t, fm), fm)
 
 
 def distribute_tokens(t: torch.Tensor, fm: FoldedMesh) -> DTensor:
     """A global ``[B, S]`` tensor (token ids or labels, the same on every rank) as a DTensor
     on ``fm.attn_stage`` with ``TOKENS`` placements, sequence in load-balanced order."""
-    local = shard_tokens(t, fm)
-    shape = t.shape
-    return DTensor.from_local(local, fm.attn_stage, TOKENS, run_check=False, shape=shape,
-                              stride=torch.empty(shape, device="meta").stride())
+    return replica_tokens(_dp_rows(t, fm), fm)
 
 
 def local_tokens(t: torch.Tensor, fm: FoldedMesh) -> torch.Tensor:
@@ -105,9 +112,6 @@ def replica_tokens(rows: torch.Tensor, fm: FoldedMesh) -> DTensor:
     ``[dp·b, S]`` DTensor on ``fm.attn_stage`` with ``TOKENS`` placements: each replica reads
     only its rows; the cp ranks keep their load-balanced chunks."""
     check_sequence(rows.shape[0] * fm.fold.dp, rows.shape[1], fm)
-    local = rows
-    if fm.fold.cp > 1:
-        local = rows.index_select(1, local_positions(rows.shape[1], fm, rows.device))
     shape = torch.Size((rows.shape[0] * fm.fold.dp, rows.shape[1]))
-    return DTensor.from_local(local.contiguous(), fm.attn_stage, TOKENS, run_check=False,
-                              shape=shape, stride=(shape[1], 1))
+    return DTensor.from_local(_cp_chunks(rows, fm).contiguous(), fm.attn_stage, TOKENS,
+                              run_check=False, shape=shape, stride=(shape[1], 1))
