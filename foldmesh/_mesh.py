@@ -140,6 +140,13 @@ class FoldedMesh:
             pg = dist.distributed_c10d._resolve_process_group(name)
             if pg is not None and pg is not default:
                 dist.destroy_process_group(pg)
+        # DTensor caches sharding decisions by mesh value: a mesh built later for the same
+        # fold compares equal to these and would be handed specs on the destroyed groups.
+        try:
+            from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+        except ImportError:  # an older torch without the helper keeps its cache
+            return
+        _clear_sharding_prop_cache()
 
     def __repr__(self) -> str:
         return f"FoldedMesh({self.fold}, device_type={self.world.device_type!r})"

@@ -14,10 +14,14 @@ The gradient convention: each rank backpropagates the mean loss over its own tok
 same value on the tp ranks of a group, see ``foldmesh.cross_entropy``); the global loss is
 the mean over the dp·cp shards. So every gradient is the *sum* over the ranks above divided
 by dp·cp. FSDP2's default divides by its mesh size, which is right for dense weights (dp·cp
-ranks) but wrong for experts whenever edp != dp·cp; ``apply_fsdp`` sets dp·cp for both.
+ranks) but wrong for experts whenever edp != dp·cp; ``apply_fsdp`` sets dp·cp for both, and
+then asks FSDP2 for plain sums over edp followed by a division (a divide factor that is not
+the mesh size would otherwise need a pre-multiplied sum, which gloo does not have).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -41,13 +45,17 @@ def apply_fsdp(model: nn.Module, fm: FoldedMesh, *, mp_policy: MixedPrecisionPol
     kw = dict(mp_policy=mp_policy or MixedPrecisionPolicy(),
               reshard_after_forward=reshard_after_forward)
     factor = fm.fold.dp * fm.fold.cp
-    for block in model.layers:
+    for block in model.layers.values():
         ignored = set()
         for ex in (m for m in block.modules() if isinstance(m, FoldedExperts)):
             if fm.fold.edp > 1:
                 fully_shard(ex, mesh=fm["edp"], shard_placement_fn=_expert_placement(ex, fm),
                             **kw)
                 ex.set_gradient_divide_factor(factor)
+                if factor != fm.fold.edp:
+                    # FSDP2 would ask for a pre-multiplied sum (NCCL's PreMulSum), which gloo
+                    # lacks: reduce with a plain sum and divide afterwards instead.
+                    ex.set_force_sum_reduction_for_comms(True)
             else:
                 # One copy of each expert shard: nothing to shard or reduce, only the scale.
                 # (An FSDP group on a 1-rank mesh would also divide fp64 gradients twice.)
@@ -72,6 +80,12 @@ def _expert_placement(experts: FoldedExperts, fm: FoldedMesh):
     return place
 
 
+def _parameters(model: nn.Module | Sequence[nn.Module]) -> list[nn.Parameter]:
+    """The parameters of a model, or of this rank's pipeline stages (a list of modules)."""
+    parts = [model] if isinstance(model, nn.Module) else list(model)
+    return [p for part in parts for p in part.parameters()]
+
+
 def scale_gradients(params, factor: float) -> None:
     """Divide every gradient contribution to ``params`` by ``factor`` as it is produced (so
     accumulation over micro-batches stays right)."""
@@ -93,12 +107,13 @@ def _reduce_group(p: nn.Parameter, fm: FoldedMesh) -> tuple[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def reduce_gradients(model: nn.Module, fm: FoldedMesh) -> None:
+def reduce_gradients(model: nn.Module | Sequence[nn.Module], fm: FoldedMesh) -> None:
     """Replication instead of FSDP: sum every gradient over the ranks holding the same weight
     (see the module table) and divide by dp·cp. Call after backward, before clipping and the
-    optimizer step; one all-reduce per (group, dtype) on a flattened buffer."""
+    optimizer step; one all-reduce per (group, dtype) on a flattened buffer. ``model`` may be
+    this rank's pipeline stages (a list): the groups lie inside the stage."""
     buckets: dict[tuple[str, torch.dtype], list[tuple[nn.Parameter, torch.Tensor]]] = {}
-    for p in model.parameters():
+    for p in _parameters(model):
         if p.grad is None:
             continue
         name, local = _reduce_group(p, fm)
@@ -138,13 +153,17 @@ def _replicas(g: torch.Tensor, stage_size: int) -> int:
 
 
 @torch.no_grad()
-def grad_norm(model: nn.Module, fm: FoldedMesh) -> torch.Tensor:
+def grad_norm(model: nn.Module | Sequence[nn.Module], fm: FoldedMesh) -> torch.Tensor:
     """The global L2 norm of all gradients (fp64 scalar, the same on every rank), each
     parameter counted exactly once whatever its mesh, sharding or replication. Gradients must
-    be reduced first (FSDP does it in backward; otherwise ``reduce_gradients``)."""
+    be reduced first (FSDP does it in backward; otherwise ``reduce_gradients``).
+
+    ``model`` may be this rank's pipeline stages (a list of modules): each pipeline stage holds
+    its own parameters, so the one all-reduce over every rank (pp included) adds the stages up.
+    """
     total = None
     stage = fm.fold.stage_size
-    for p in model.parameters():
+    for p in _parameters(model):
         g = p.grad
         if g is None:
             continue
@@ -162,15 +181,17 @@ def grad_norm(model: nn.Module, fm: FoldedMesh) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norm_(model: nn.Module, fm: FoldedMesh, max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(model: nn.Module | Sequence[nn.Module], fm: FoldedMesh, max_norm: float
+                    ) -> torch.Tensor:
     """Scale all gradients so that their global norm is at most ``max_norm``; returns the
     norm before clipping (fp64 scalar). A non-finite norm leaves the gradients unscaled, so
-    the caller can decide to skip the step. No host synchronisation."""
+    the caller can decide to skip the step. No host synchronisation. ``model``: a module or
+    this rank's pipeline stages."""
     norm = grad_norm(model, fm)
     coeff = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     coeff = torch.where(torch.isfinite(norm), coeff, torch.ones_like(coeff))
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for p in model.parameters():
+    for p in _parameters(model):
         if p.grad is not None:
             g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
             by_dtype.setdefault(g.dtype, []).append(g)

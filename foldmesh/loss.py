@@ -75,19 +75,26 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, fm: FoldedMesh | N
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    group, start = None, 0
     if isinstance(logits, DTensor):
         if fm is None:
             raise ValueError("cross_entropy of DTensor logits needs the folded mesh fm")
-        target = local_tokens(labels, fm)
-        local = logits.to_local(grad_placements=logits.placements)
-        if fm.fold.tp > 1:
-            group = fm["tp"].get_group()
-            start = fm.coordinate("tp") * local.shape[-1]
-    else:
-        target, local = labels, logits
+        return local_cross_entropy(logits.to_local(grad_placements=logits.placements),
+                                   local_tokens(labels, fm), fm, reduction)
+    return local_cross_entropy(logits, labels, None, reduction)
+
+
+def local_cross_entropy(logits: torch.Tensor, target: torch.Tensor, fm: FoldedMesh | None,
+                        reduction: str = "mean") -> torch.Tensor:
+    """``cross_entropy`` of this rank's own block: ``logits`` [b, S/cp, V/tp] (plain, the
+    rank's vocabulary slice when ``fm`` is given, else the whole vocabulary) and ``target``
+    [b, S/cp] int64, the rank's labels (global ids). A pipeline's last stage computes its loss
+    with this."""
+    group, start = None, 0
+    if fm is not None and fm.fold.tp > 1:
+        group = fm["tp"].get_group()
+        start = fm.coordinate("tp") * logits.shape[-1]
     shape = target.shape
-    loss = _VocabParallelCE.apply(local.reshape(-1, local.shape[-1]), target.reshape(-1),
+    loss = _VocabParallelCE.apply(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                   start, group)
     if reduction == "none":
         return loss.view(shape)

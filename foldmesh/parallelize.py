@@ -22,6 +22,14 @@ The parallel model takes the global ``[B, S]`` token ids on every rank (or a DTe
 ``foldmesh.distribute_tokens``) and returns logits ``[B, S, V]`` as a DTensor on
 ``fm.attn_stage`` with placements ``(Shard(0), Shard(1), Shard(2))``: batch over dp, sequence
 over cp in load-balanced order, vocabulary over tp. docs/placements.md lists every boundary.
+
+With pp > 1 the model is one pipeline stage (``foldmesh.pipeline.split_model``) and
+``parallelize`` applies the same steps on the ranks of its stage. A stage passes plain
+tensors, this rank's own blocks, because that is what crosses a stage boundary: the first
+stage takes this data-parallel replica's ``[b, S]`` token ids (it keeps its cp chunks), a
+later stage takes the residual stream ``[b, S/(cp·tp), H]``; a stage returns the residual
+stream, the last one its local logits ``[b, S/cp, V/tp]``. Positions are computed inside
+every stage from the fold.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from torch.distributed.tensor.parallel import (
 from ._context_parallel import ContextParallelAttention
 from ._fold import FoldError
 from ._mesh import FoldedMesh
-from ._sequence import local_positions, local_tokens
+from ._sequence import _cp_chunks, check_sequence, local_positions, local_tokens
 from .models import Transformer
 from .moe import apply_moe_parallel
 
@@ -60,15 +68,16 @@ def parallelize(model: Transformer, fm: FoldedMesh, *, dispatcher: str = "alltoa
 
     Args:
         model: a plain ``foldmesh.models.Transformer``.
-        fm: the folded mesh; pp must be 1.
+        fm: the folded mesh; with pp > 1 ``model`` is a stage from
+            ``foldmesh.pipeline.split_model``.
         dispatcher: the MoE token dispatcher, "alltoall" or "allgather".
         sequence_parallel: must stay True when tp > 1: MoE layers need each tp rank to hold
             different tokens.
         activation_checkpoint: "none" or "full" (recompute every block in backward).
 
     Raises:
-        FoldError: a size the fold cannot split, pp > 1, or tp > 1 without sequence
-            parallelism.
+        FoldError: a size the fold cannot split, a whole model with pp > 1 (or a stage with
+            pp = 1), or tp > 1 without sequence parallelism.
     """
     check_model(model, fm, sequence_parallel)
     if activation_checkpoint not in AC_MODES:
@@ -77,9 +86,9 @@ def parallelize(model: Transformer, fm: FoldedMesh, *, dispatcher: str = "alltoa
     if fm.fold.tp > 1:
         apply_tp(model, fm)
     if fm.fold.cp > 1:
-        for block in model.layers:
+        for block in model.layers.values():
             block.attn.core = ContextParallelAttention(fm)
-    for block in model.layers:
+    for block in model.layers.values():
         if block.is_moe:
             apply_moe_parallel(block.ffn, fm, dispatcher=dispatcher)
             # Gradients are divided by dp·cp (foldmesh.data_parallel) but a replica's
@@ -87,19 +96,26 @@ def parallelize(model: Transformer, fm: FoldedMesh, *, dispatcher: str = "alltoa
             # A trainer accumulating micro-batches divides this by their number.
             block.ffn.router.loss_scale = float(fm.fold.cp)
     if activation_checkpoint == "full":
-        for i, block in enumerate(model.layers):
-            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
-    model.register_forward_pre_hook(_shard_inputs(fm), with_kwargs=True)
-    model.register_forward_hook(_logits_out(fm))
+        for key, block in list(model.layers.items()):
+            model.layers[key] = checkpoint_wrapper(block, preserve_rng_state=False)
+    if fm.fold.pp > 1:
+        model.register_forward_pre_hook(_stage_inputs(fm), with_kwargs=True)
+        model.register_forward_hook(_stage_outputs)
+    else:
+        model.register_forward_pre_hook(_shard_inputs(fm), with_kwargs=True)
+        model.register_forward_hook(_logits_out(fm))
     return model
 
 
 def check_model(model: Transformer, fm: FoldedMesh, sequence_parallel: bool = True) -> None:
     """Every size the fold splits, checked before anything changes; errors name the fix."""
     cfg, f = model.config, fm.fold
-    if f.pp > 1:
-        raise FoldError(f"pp = {f.pp}: pipeline parallelism is not supported yet; set pp = 1 "
-                        "and fold those ranks into dp")
+    if f.pp > 1 and model.is_whole:
+        raise FoldError(f"pp = {f.pp}: parallelize takes one pipeline stage; split the model "
+                        "first with foldmesh.pipeline.split_model")
+    if f.pp == 1 and not model.is_whole:
+        raise FoldError("this model is a pipeline stage but the fold has pp = 1; parallelize "
+                        "the whole model")
     if f.tp > 1 and not sequence_parallel:
         raise FoldError(
             f"tp = {f.tp} without sequence parallelism: every tp rank would route the same "
@@ -109,7 +125,7 @@ def check_model(model: Transformer, fm: FoldedMesh, sequence_parallel: bool = Tr
         if size % f.tp:
             raise FoldError(f"ModelConfig.{name} = {size} is not divisible by tp = {f.tp}; "
                             f"choose tp dividing {size}")
-    if any(b.is_moe for b in model.layers):
+    if any(b.is_moe for b in model.layers.values()):
         f.check_experts(cfg.num_experts)
         f.check_expert_ffn(cfg.expert_ffn_size)
 
@@ -118,15 +134,18 @@ def apply_tp(model: Transformer, fm: FoldedMesh) -> None:
     """Tensor + sequence parallelism over ``fm["tp"]`` (see the module docstring, step 1)."""
     tp = fm["tp"]
     seq = Shard(1)
-    parallelize_module(model, tp, {
-        # vocab-parallel embedding: partial sums reduce-scattered onto the sequence shards
-        "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
-        "norm": SequenceParallel(),
-        "lm_head": ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1),
-                                   use_local_output=False),
-    })
+    # vocab-parallel embedding: partial sums reduce-scattered onto the sequence shards
+    if model.embed is not None:
+        parallelize_module(model, tp, {"embed": RowwiseParallel(input_layouts=Replicate(),
+                                                                output_layouts=seq)})
+    if model.lm_head is not None:
+        parallelize_module(model, tp, {
+            "norm": SequenceParallel(),
+            "lm_head": ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1),
+                                       use_local_output=False),
+        })
     model.tie_weights()  # both styles shard the [V, H] matrix on V: one DTensor serves both
-    for block in model.layers:
+    for block in model.layers.values():
         plan = {
             "attn_norm": SequenceParallel(),
             # an MoE layer takes the rank's own tokens as a plain tensor (and returns one)
@@ -155,7 +174,7 @@ def apply_tp(model: Transformer, fm: FoldedMesh) -> None:
 
 def _shard_inputs(fm: FoldedMesh):
     def hook(module, args, kwargs):
-        ids = args[0] if args else kwargs.pop("input_ids")
+        ids = args[0] if args else kwargs.pop("x")
         if "positions" in kwargs or len(args) > 1:
             raise FoldError("a parallelized model computes positions itself; pass only the "
                             "token ids")
@@ -176,3 +195,26 @@ def _logits_out(fm: FoldedMesh):
                                   stride=torch.empty(shape, device="meta").stride())
 
     return hook
+
+
+def _stage_inputs(fm: FoldedMesh):
+    f = fm.fold
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs.pop("x")
+        if "positions" in kwargs or len(args) > 1:
+            raise FoldError("a pipeline stage computes positions itself; pass only its input")
+        if module.embed is not None:  # this replica's [b, S] token ids: keep the cp chunks
+            check_sequence(x.shape[0] * f.dp, x.shape[1], fm)
+            seq, x = x.shape[1], _cp_chunks(x, fm)
+        else:  # the residual stream [b, S/(cp·tp), H]
+            seq = x.shape[1] * f.cp * f.tp
+        kwargs["positions"] = local_positions(seq, fm, x.device)
+        return (x,), kwargs
+
+    return hook
+
+
+def _stage_outputs(module, args, out):
+    # the last stage's logits leave as this rank's local block [b, S/cp, V/tp]
+    return out.to_local(grad_placements=out.placements) if isinstance(out, DTensor) else out

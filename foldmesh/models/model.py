@@ -123,46 +123,82 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Token ids [B, L] int64 -> logits [B, L, V]."""
+    """Token ids [B, L] int64 -> logits [B, L, V].
+
+    ``layers`` is keyed by each block's global index (``"0"`` .. ``"L-1"``), so parameter names
+    are ``layers.<i>.…`` however the model is split. A pipeline stage
+    (``foldmesh.pipeline.split_model``) is a ``Transformer`` holding some of the layers, with
+    ``embed`` None unless it is the first stage and ``norm``/``lm_head`` None unless it is the
+    last: it then takes hidden states [B, L, H] instead of ids, or returns them instead of
+    logits.
+    """
 
     def __init__(self, cfg: ModelConfig, *, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, **kw)
-        self.layers = nn.ModuleList(Block(cfg, i, **kw) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i, **kw) for i in range(cfg.num_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, **kw)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, **kw)
         self.tie_weights()
 
+    @property
+    def is_whole(self) -> bool:
+        """Whether this module holds every part of the model (it is not a pipeline stage)."""
+        return (self.embed is not None and self.lm_head is not None
+                and len(self.layers) == self.config.num_layers)
+
     def tie_weights(self) -> None:
         """Share the embedding with the output projection when the config ties them (again
         after ``to_empty`` or parallelization, which replace parameters)."""
-        if self.config.tie_embeddings:
+        if self.config.tie_embeddings and self.embed is not None and self.lm_head is not None:
             self.lm_head.weight = self.embed.weight
 
+    def parts(self) -> list[tuple[int, nn.Module]]:
+        """The parts this module holds with their place in the whole model: 0 the embedding,
+        1 + i layer i, L + 1 the final norm, L + 2 the output projection."""
+        n = self.config.num_layers
+        out = [(0, self.embed)] + [(1 + int(k), m) for k, m in self.layers.items()]
+        out += [(n + 1, self.norm), (n + 2, self.lm_head)]
+        return [(i, m) for i, m in out if m is not None]
+
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initialise every weight from the current RNG state (after ``to_empty``)."""
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialise every weight (after ``to_empty``).
+
+        Args:
+            seed: when given, each part (see ``parts``) draws from the RNG seeded with
+                ``seed`` and the part's place, so a pipeline stage gets exactly the values the
+                whole model would for its parts (on the same tensor-parallel layout). None:
+                draw from the current RNG state, part after part.
+        """
         std = self.config.init_std
-        nn.init.normal_(self.embed.weight, std=std)
-        for m in self.modules():
-            if isinstance(m, SwiGLU):
-                for lin in (m.gate_proj, m.up_proj, m.down_proj):
-                    nn.init.normal_(lin.weight, std=std)
-            elif m is not self and hasattr(m, "reset_parameters") and not isinstance(
-                    m, (nn.Embedding, nn.Linear)):
-                m.reset_parameters()
-        if not self.config.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=std)
+        for place, part in self.parts():
+            if seed is not None:
+                torch.manual_seed((seed * 1_000_003 + place) % 2**63)
+            if part is self.embed or (part is self.lm_head
+                                      and not self.config.tie_embeddings):
+                nn.init.normal_(part.weight, std=std)
+                continue
+            for m in part.modules():
+                if isinstance(m, SwiGLU):
+                    for lin in (m.gate_proj, m.up_proj, m.down_proj):
+                        nn.init.normal_(lin.weight, std=std)
+                elif hasattr(m, "reset_parameters") and not isinstance(
+                        m, (nn.Embedding, nn.Linear)):
+                    m.reset_parameters()
         self.tie_weights()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """input_ids [B, L] int64; positions [L] int64 (default ``arange(L)``) -> [B, L, V]."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x: token ids [B, L] int64 (hidden states [B, L, H] when ``embed`` is None);
+        positions [L] int64 (default ``arange(L)``) -> logits [B, L, V] (hidden states
+        [B, L, H] when ``lm_head`` is None)."""
         if positions is None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        h = self.embed(input_ids)
-        for layer in self.layers:
+            positions = torch.arange(x.shape[1], device=x.device)
+        h = self.embed(x) if self.embed is not None else x
+        for layer in self.layers.values():
             h = layer(h, positions)
+        if self.lm_head is None:
+            return h
         return self.lm_head(self.norm(h))

@@ -201,6 +201,11 @@ class Reductions:
         return w
 
 
+def recomputing() -> bool:
+    """Whether this forward runs inside backward: the replay of a checkpointed forward."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def expert_counts(indices: torch.Tensor, num_bins: int) -> torch.Tensor:
     """Histogram of ``indices`` (any shape, int64) into [num_bins] int64, on the device."""
     flat = indices.reshape(-1)
@@ -277,11 +282,11 @@ class Router(nn.Module):
             loss is the ``replica_sum`` of its terms; for "global_aux_loss" the global-batch
             value is their ``global_sum`` (the replica_sum is the replica's share of it).
 
-    Counters only move in training mode with grad enabled (so an eval pass or the no-grad
-    first pass of reentrant activation checkpointing does not count). Non-reentrant
-    checkpointing runs forward twice with grad: the counts then double (harmless for the bias
-    update, which uses only signs relative to the mean, if every micro-batch is recomputed),
-    but the global-aux running average shifts between the two passes.
+    Counters only move in training mode with grad enabled, and not while backward recomputes
+    a checkpointed forward (``recomputing``): an eval pass and the replay of non-reentrant
+    activation checkpointing (what ``foldmesh.parallelize`` applies) do not count, so every
+    micro-batch counts once and the replay sees the same global-aux average as the first
+    pass. (Reentrant checkpointing, whose first pass runs without grad, would not count.)
     """
 
     def __init__(
@@ -364,7 +369,7 @@ class Router(nn.Module):
         self.last_counts = counts
         self.last_losses = {}
         if self.training and torch.is_grad_enabled():
-            if self.local_counts is not None:
+            if self.local_counts is not None and not recomputing():
                 self.local_counts.add_(counts)
             total = self._losses(logits, indices, counts, num_sequences, red)
             if total is not None:
@@ -410,9 +415,10 @@ class Router(nn.Module):
                 terms["z_loss"] = z_loss(logits, t[0], cfg.z_loss_coeff)
         if global_on:
             stats = red.global_sum(torch.cat([counts, ntok]))
-            with torch.no_grad():
-                self.global_counts_sum.add_(stats[:e])
-                self.global_microbatches.add_(1)
+            if not recomputing():
+                with torch.no_grad():
+                    self.global_counts_sum.add_(stats[:e])
+                    self.global_microbatches.add_(1)
             # c_e: mean global count per micro-batch since the last reset, this one included;
             # T: this micro-batch's global token count.
             avg = self.global_counts_sum.to(logits.dtype) / self.global_microbatches

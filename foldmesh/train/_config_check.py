@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .._fold import Fold, FoldError
 from ..models import PRESETS, ModelConfig
+from ..pipeline import check_pipeline, split_layers
 from ._config_io import ConfigError, check_overrides, config_from_dict, config_to_dict, did_you_mean
 from ._sources import BYTE_VOCAB
 from .config import TrainConfig
@@ -99,9 +100,6 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
 
 def _resolve_fold(cfg: TrainConfig, world_size: int) -> Fold:
     f = cfg.fold
-    if f.pp > 1:
-        raise ConfigError(f"fold.pp = {f.pp}: pipeline parallelism is not supported yet; set "
-                          "fold.pp = 1 (fold those ranks into fold.dp)")
     degrees = dict(tp=f.tp, cp=f.cp, dp=f.dp, pp=f.pp, ep=f.ep, etp=f.etp, edp=f.edp)
     try:
         return Fold(**degrees).resolve(world_size)
@@ -173,6 +171,42 @@ def _check_model(cfg: TrainConfig, mc: ModelConfig, fold: Fold) -> None:
         )
 
 
+def microbatches(cfg: TrainConfig, fold: Fold) -> int:
+    """Micro-batches per optimizer step: ``global_batch / dp / micro_batch`` (1 without
+    accumulation); with pp > 1 they are the pipeline's micro-batches."""
+    rows = cfg.training.global_batch // fold.dp
+    return rows // (cfg.training.micro_batch or rows)
+
+
+def _check_pipeline(cfg: TrainConfig, mc: ModelConfig, fold: Fold) -> None:
+    """The schedule, the stages per rank, the layer split and the micro-batches (pp > 1)."""
+    f = cfg.fold
+    if f.pp == 1:
+        return
+    n = microbatches(cfg, fold)
+    try:
+        spr = check_pipeline(f.pp_schedule, f.pp, f.pp_stages_per_rank, n)
+        split_layers(mc.num_layers, f.pp * spr, f.pp_layers or None)
+    except FoldError as e:
+        msg = str(e)
+        for key in ("pp_schedule", "pp_stages_per_rank", "pp_layers"):
+            msg = msg.replace(key, f"fold.{key}")
+        msg = msg.replace(" pp ", " fold.pp ").replace("(pp ", "(fold.pp ")
+        if "micro-batch" in msg:
+            mb = cfg.training.micro_batch
+            how = f"training.micro_batch {mb}" if mb else \
+                "training.micro_batch 0 (the whole replica batch)"
+            msg += (f"; here training.global_batch {cfg.training.global_batch} / dp {fold.dp} "
+                    f"/ {how} gives {n}: set training.micro_batch to give more")
+        raise ConfigError(msg) from None
+    if mc.tie_embeddings:
+        raise ConfigError(
+            f"fold.pp = {f.pp} with tied embeddings (tie_embeddings in the model's config): "
+            "the embedding lives on the first stage and the output head on the last, and "
+            "foldmesh refuses to keep two copies in sync; set model.overrides.tie_embeddings "
+            "= false or fold.pp = 1")
+
+
 def _check_data_path(cfg: TrainConfig) -> None:
     d = cfg.data
     if d.source not in ("tokens", "text"):
@@ -188,7 +222,8 @@ def _check_data_path(cfg: TrainConfig) -> None:
 def validate_config(cfg: TrainConfig, world_size: int) -> None:
     """Raise ``ConfigError`` unless ``cfg`` can run on ``world_size`` ranks.
 
-    Checked: value types, choices and ranges; the fold on the world (pp must be 1); the
+    Checked: value types, choices and ranges; the fold on the world; the pipeline (schedule,
+    stages per rank, layer split, micro-batches, untied embeddings) when fold.pp > 1; the
     global batch over dp and micro-batches; ``data.seq_len`` over cp and tp; the model preset
     (or ``model.hf_path``'s config.json) with ``model.overrides``, its sizes over tp, ep and
     etp, and its vocabulary against byte-level data; ``data.path`` for file sources.
@@ -209,5 +244,7 @@ def validate_config(cfg: TrainConfig, world_size: int) -> None:
     fold = _resolve_fold(cfg, world_size)
     _check_batch(cfg, fold, world_size)
     _check_seq_len(cfg.data.seq_len, fold)
-    _check_model(cfg, model_config(cfg), fold)
+    mc = model_config(cfg)
+    _check_model(cfg, mc, fold)
+    _check_pipeline(cfg, mc, fold)
     _check_data_path(cfg)

@@ -6,8 +6,10 @@ parallelize, materialise, initialise (or load Hugging Face weights), then data p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -15,8 +17,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
 from .. import Fold, apply_fsdp, parallelize
-from ..hf import from_pretrained
+from ..hf import config_from_hf, load_hf_weights
+from ..hf._load import read_config
 from ..models import Transformer
+from ..pipeline import split_model
 from ._config_check import model_config
 from .config import TrainConfig
 
@@ -67,27 +71,45 @@ def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if name == "bf16" else torch.float32
 
 
-def build_model(cfg: TrainConfig, fm, device: torch.device) -> Transformer:
-    """The parallelized model with fp32 weights, initialised from ``training.seed`` (every
-    rank the same draws, so replicated weights agree) or loaded from ``model.hf_path``."""
+def build_model(cfg: TrainConfig, fm, device: torch.device) -> list[Transformer]:
+    """This rank's parallelized model with fp32 weights: the whole model, or with pp > 1 its
+    pipeline stages (``foldmesh.pipeline.split_model``). Initialised from ``training.seed``
+    part by part (every rank the same draws, so replicated weights agree, and a stage draws
+    what the whole model draws for its layers) or loaded from ``model.hf_path``."""
     f = cfg.fold
     kw = dict(dispatcher=f.dispatcher, activation_checkpoint=f.activation_checkpoint)
+    hf = None
     if cfg.model.hf_path:
-        model = from_pretrained(cfg.model.hf_path, mesh=fm, device=device,
-                                config_overrides=cfg.model.overrides or None, **kw)
-        model.train()
+        hf = read_config(Path(cfg.model.hf_path))
+        mc, arch = config_from_hf(hf)
+        if cfg.model.overrides:
+            mc = dataclasses.replace(mc, **cfg.model.overrides)
     else:
-        with torch.device("meta"):
-            model = Transformer(model_config(cfg))
-        parallelize(model, fm, **kw)
-        model.to_empty(device=device)
-        torch.manual_seed(cfg.training.seed)
-        model.init_weights()
+        mc = model_config(cfg)
+    with torch.device("meta"):
+        model = Transformer(mc)
+    parts = [model]
+    if f.pp > 1:
+        parts = split_model(model, fm, schedule=f.pp_schedule,
+                            stages_per_rank=f.pp_stages_per_rank or None,
+                            layers_per_stage=f.pp_layers or None)
+    for part in parts:
+        parallelize(part, fm, **kw)
+        part.to_empty(device=device)
+        if hf is not None:
+            part.hf_architecture, part.hf_config = arch, hf
+            load_hf_weights(part, cfg.model.hf_path, arch)
+        else:
+            part.init_weights(seed=cfg.training.seed)
+        part.train()
     if f.data_parallel == "fsdp":
         dtype = compute_dtype(cfg, device)
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        apply_fsdp(model, fm, mp_policy=mp)
-    return model
+        for part in parts:
+            # with pp the schedule runs several micro-batches' forwards before their
+            # backwards: keep the stage's weights gathered rather than gather them again
+            apply_fsdp(part, fm, mp_policy=mp, reshard_after_forward=f.pp == 1)
+    return parts
 
 
 def set_foreach(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
@@ -101,7 +123,8 @@ def set_foreach(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> Non
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
-    """AdamW without weight decay on norms, biases and other vectors; warm-up then cosine."""
+    """AdamW without weight decay on norms, biases and other vectors; warm-up then cosine.
+    One per pipeline stage (its state dict is keyed by the stage's global names)."""
     o = cfg.optimizer
     decay, no_decay = [], []
     for p in model.parameters():

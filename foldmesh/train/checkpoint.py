@@ -15,6 +15,11 @@ moment therefore leaves either no new checkpoint or a complete one. Loading chec
 manifest first (every file present, every size exact) and refuses the checkpoint otherwise,
 before reading a byte of it. DCP stores global shapes and offsets, so a checkpoint written
 under one fold and world size loads under another (resharding).
+
+Keys are the whole model's parameter names (``layers.<global index>...``), and the optimizer
+state is flattened onto the same names (``state.<name>.exp_avg``...): a pipeline stage
+saves and loads exactly its own keys, so a checkpoint written with one pp (and one
+schedule, stages per rank or layer split) resumes with another.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -85,9 +91,17 @@ def verify(path: Path) -> dict:
     return json.loads((path / EXTRA).read_text())
 
 
-def _state(model, optimizer) -> dict:
-    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model,
-                                                                                  optimizer)}
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _state(parts, optimizers) -> dict:
+    """This rank's model and optimizer state under global names, over its pipeline stages
+    (``parts``, one optimizer each; a single model and optimizer without pp)."""
+    model, optim = {}, {}
+    for part, opt in zip(parts, optimizers, strict=True):
+        model.update(get_model_state_dict(part))
+        optim.update(get_optimizer_state_dict(part, opt, options=_FLAT))
+    return {"model": model, "optim": optim}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -98,9 +112,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(run_dir: str | Path, step: int, model, optimizer, extra: dict, keep: int) -> Path:
+def save(run_dir: str | Path, step: int, parts, optimizers, extra: dict, keep: int) -> Path:
     """Write the checkpoint of ``step`` atomically (every rank calls this) and keep the newest
-    ``keep``. ``extra``: JSON-serialisable state from rank 0 (data position, scheduler...)."""
+    ``keep``. ``parts``/``optimizers``: this rank's pipeline stages and their optimizers.
+    ``extra``: JSON-serialisable state from rank 0 (data position, scheduler...)."""
     root = checkpoint_dir(run_dir)
     final = root / _name(step)
     tmp = root / (_name(step) + ".tmp")
@@ -109,7 +124,7 @@ def save(run_dir: str | Path, step: int, model, optimizer, extra: dict, keep: in
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
         tmp.mkdir(parents=True)
     dist.barrier()
-    dcp.save(_state(model, optimizer), checkpoint_id=str(tmp))
+    dcp.save(_state(parts, optimizers), checkpoint_id=str(tmp))
     torch.save({"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                tmp / f"rng-rank{rank}.pt")
@@ -140,15 +155,17 @@ def latest(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(path: Path, model, optimizer) -> dict:
-    """Load ``path`` into ``model`` and ``optimizer`` (resharding as needed); every rank
-    calls this. Returns the extra state. The checkpoint is verified before anything is read;
-    a damaged one raises CheckpointError and leaves the model untouched."""
+def load(path: Path, parts, optimizers) -> dict:
+    """Load ``path`` into this rank's stages and optimizers (resharding as needed); every
+    rank calls this. Returns the extra state. The checkpoint is verified before anything is
+    read; a damaged one raises CheckpointError and leaves the model untouched."""
     extra = verify(path)
-    state = _state(model, optimizer)
+    state = _state(parts, optimizers)
     dcp.load(state, checkpoint_id=str(path))
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optim"])
+    for part, opt in zip(parts, optimizers, strict=True):
+        # each stage takes its own keys from the rank's merged state
+        set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
+        set_optimizer_state_dict(part, opt, state["optim"], options=_FLAT)
     rng = path / f"rng-rank{dist.get_rank()}.pt"
     if rng.is_file():  # absent when resuming on more ranks than wrote the checkpoint
         saved = torch.load(rng, weights_only=False)

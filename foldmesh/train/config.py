@@ -30,7 +30,8 @@ class FoldSection:
     dp: int = -1
     """Data-parallel replicas; -1: the world size divided by tp·cp·pp."""
     pp: int = 1
-    """Pipeline stages; only 1 is supported for now."""
+    """Pipeline-parallel ranks (the outermost axis of both views); the model's layers are
+    split over pp · pp_stages_per_rank stages."""
     ep: int = 1
     """Expert-parallel ranks of the MoE layers."""
     etp: int = 1
@@ -44,6 +45,17 @@ class FoldSection:
     keeps whole weights; gradients all-reduced)."""
     activation_checkpoint: str = "none"
     """"none" or "full" (recompute every block in backward)."""
+    pp_schedule: str = "1F1B"
+    """Pipeline schedule (with pp > 1), one of torch.distributed.pipelining's: "GPipe",
+    "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble",
+    "DualPipeV" (the zero-bubble ones need torch >= 2.13). The step's micro-batches are
+    ``training.micro_batch``'s."""
+    pp_stages_per_rank: int = 0
+    """Stages (virtual pipeline stages) per pp rank; 0: the schedule's default, 1 for GPipe
+    and 1F1B, 2 for the others (the V schedules need exactly 2)."""
+    pp_layers: tuple[int, ...] = ()
+    """Layers of each stage, in stage order (summing to the model's layers); empty: balanced,
+    the embedding and the output head counting as one layer each."""
 
 
 @dataclass

@@ -9,6 +9,11 @@ One optimizer step: each data-parallel replica reads its own rows of the global 
 one under FSDP), scales each micro-batch's loss and balancing losses by their number, reduces
 gradients (FSDP in backward, or ``reduce_gradients``), clips the global norm, steps AdamW
 and the schedule, and updates the routers' expert biases.
+
+With ``fold.pp > 1`` each rank holds its pipeline stages (``self.parts``, one optimizer
+each) and the micro-batches run through the pipeline schedule (``foldmesh.pipeline``);
+everything else is the same, with the loss taken from the last stage and the gradient norm,
+expert loads and balancing losses summed over every stage.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import torch.distributed as dist
 from .. import clip_grad_norm_, cross_entropy, reduce_gradients
 from .._sequence import replica_tokens
 from ..moe import MoE, Router
+from ..moe.router import recomputing
+from ..pipeline import apply_pipeline
 from . import checkpoint as ckpt
 from .build import (
     build_fold,
@@ -53,24 +60,61 @@ class Trainer:
         self.fm = build_fold(cfg, self.device)
         f = self.fm.fold
         self.dp, self.cp = f.dp, f.cp
-        self.model = build_model(cfg, self.fm, self.device)
-        self.model_cfg = self.model.config
-        self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
+        self.parts = build_model(cfg, self.fm, self.device)
+        self.model_cfg = self.parts[0].config
+        built = [build_optimizer(cfg, part) for part in self.parts]
+        self.optimizers = [o for o, _ in built]
+        self.schedulers = [s for _, s in built]
         t = cfg.training
         self.rows = t.global_batch // self.dp  # this replica's sequences per step
         self.micro = t.micro_batch or self.rows
         self.n_micro = self.rows // self.micro
         self.train_data, self.val_data = build_data(cfg.data, t.global_batch, t.seed)
-        self.moe = [m for m in self.model.modules() if isinstance(m, MoE)]
-        self.routers = [m for m in self.model.modules() if isinstance(m, Router)]
+        self.routers = [m for p in self.parts for m in p.modules() if isinstance(m, Router)]
         for r in self.routers:  # see foldmesh.parallelize: cp, per micro-batch
             r.loss_scale = self.cp / self.n_micro
         self.dtype = compute_dtype(cfg, self.device)
+        self._track_experts()
+        self.pipe = None
+        if f.pp > 1:
+            # the residual stream between stages: bf16 under FSDP mixed precision; fp32 with
+            # replication (autocast keeps the residual stream in fp32)
+            fsdp = cfg.fold.data_parallel == "fsdp"
+            self.pipe = apply_pipeline(
+                self.parts, self.fm, schedule=cfg.fold.pp_schedule, microbatches=self.n_micro,
+                microbatch_size=self.micro, seq_len=cfg.data.seq_len,
+                dtype=self.dtype if fsdp else torch.float32, device=self.device)
         self.step = 0
         self.log = MetricsLogger(cfg.checkpoint.dir, t.steps, progress=cfg.metrics.progress,
                                  enabled=self.rank == 0)
         self.flops = flops_per_token(self.model_cfg, cfg.data.seq_len)
         self.peak = peak_flops(self.device)
+
+    def _track_experts(self) -> None:
+        """Per optimizer step: each MoE layer's expert counts and dropped tokens, summed over
+        the micro-batches, in rows indexed by the layer's place among the whole model's MoE
+        layers (so that every stage fills its own rows and a sum over all ranks has them
+        all). A forward hook, because the pipeline schedule runs the forwards."""
+        moe_layers = [i for i in range(self.model_cfg.num_layers) if self.model_cfg.is_moe(i)]
+        e = self.model_cfg.num_experts
+        self.counts = torch.zeros(len(moe_layers), e, dtype=torch.int64, device=self.device)
+        self.dropped = torch.zeros(len(moe_layers), dtype=torch.int64, device=self.device)
+        self.aux: dict[str, torch.Tensor] = {}
+
+        def hook(row):
+            def record(moe, args, out):
+                if not (moe.training and torch.is_grad_enabled()) or recomputing():
+                    return
+                self.counts[row] += moe.router.last_counts
+                self.dropped[row] += moe.last_dropped
+                for name, v in moe.router.last_losses.items():
+                    self.aux[name] = self.aux.get(name, 0.0) + v.float()
+            return record
+
+        for part in self.parts:
+            for key, block in part.layers.items():
+                for moe in (m for m in block.modules() if isinstance(m, MoE)):
+                    moe.register_forward_hook(hook(moe_layers.index(int(key))))
 
     # ------------------------------------------------------------------ checkpoints
     def resume(self) -> None:
@@ -79,18 +123,21 @@ class Trainer:
         path = ckpt.latest(self.cfg.checkpoint.dir)
         if path is None:
             return
-        extra = ckpt.load(path, self.model, self.optimizer)
-        set_foreach(self.optimizer, self.model)
+        extra = ckpt.load(path, self.parts, self.optimizers)
+        for opt, part in zip(self.optimizers, self.parts, strict=True):
+            set_foreach(opt, part)
         self.step = extra["step"]
-        self.scheduler.load_state_dict(extra["scheduler"])
+        for sched in self.schedulers:
+            sched.load_state_dict(extra["scheduler"])
         self.train_data.load_state_dict(extra["data"])
         self.log.log_event(self.step, f"resumed from {path} (step {self.step}, written by "
                                       f"{extra['world_size']} ranks with {extra['fold']})")
 
     def save(self) -> None:
-        extra = {"scheduler": self.scheduler.state_dict(), "data": self.train_data.state_dict(),
+        extra = {"scheduler": self.schedulers[0].state_dict(),
+                 "data": self.train_data.state_dict(),
                  "world_size": dist.get_world_size(), "fold": repr(self.fm.fold)}
-        path = ckpt.save(self.cfg.checkpoint.dir, self.step, self.model, self.optimizer, extra,
+        path = ckpt.save(self.cfg.checkpoint.dir, self.step, self.parts, self.optimizers, extra,
                          self.cfg.checkpoint.keep)
         self.log.log_event(self.step, f"checkpoint {path}")
 
@@ -101,42 +148,53 @@ class Trainer:
             return torch.autocast("cuda", dtype=self.dtype)
         return contextlib.nullcontext()
 
-    def _micro_batches(self, data, step: int):
+    def _replica_rows(self, data, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This data-parallel replica's ``[rows, S]`` token ids and labels of a step."""
         d = self.fm.coordinate("dp")
-        for i in range(self.n_micro):
-            start = d * self.rows + i * self.micro
-            rows = data.batch(step, range(start, start + self.micro)).to(self.device)
-            yield replica_tokens(rows[:, :-1], self.fm), replica_tokens(rows[:, 1:], self.fm)
+        rows = data.batch(step, range(d * self.rows, (d + 1) * self.rows)).to(self.device)
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
-    def train_step(self) -> dict:
+    def _micro_batches(self, data, step: int):
+        ids, labels = self._replica_rows(data, step)
+        for i in range(self.n_micro):
+            rows = slice(i * self.micro, (i + 1) * self.micro)
+            yield replica_tokens(ids[rows], self.fm), replica_tokens(labels[rows], self.fm)
+
+    def _forward_backward(self) -> torch.Tensor:
+        """This rank's mean token loss over the step's micro-batches (fp32 scalar); the
+        gradients accumulate in the parts."""
+        if self.pipe is not None:
+            ids, labels = self._replica_rows(self.train_data, self.step)
+            with self._autocast():
+                return self.pipe.step(ids, labels)
+        model = self.parts[0]
         fsdp = self.cfg.fold.data_parallel == "fsdp"
         loss_sum = torch.zeros((), device=self.device)
-        aux = {}
-        counts = torch.zeros(len(self.moe), self.model_cfg.num_experts, dtype=torch.int64,
-                             device=self.device)
-        dropped = torch.zeros(len(self.moe), dtype=torch.int64, device=self.device)
         for i, (ids, labels) in enumerate(self._micro_batches(self.train_data, self.step)):
             if fsdp:
-                self.model.set_requires_gradient_sync(i == self.n_micro - 1)
+                model.set_requires_gradient_sync(i == self.n_micro - 1)
             with self._autocast():
-                logits = self.model(ids)
+                logits = model(ids)
             loss = cross_entropy(logits, labels, self.fm)
             (loss / self.n_micro).backward()
             loss_sum += loss.detach()
-            for layer, moe in enumerate(self.moe):
-                counts[layer] += moe.router.last_counts
-                dropped[layer] += moe.last_dropped
-                for name, v in moe.router.last_losses.items():
-                    aux[name] = aux.get(name, 0.0) + v.float()
-        if not fsdp:
-            reduce_gradients(self.model, self.fm)
+        return loss_sum / self.n_micro
+
+    def train_step(self) -> dict:
+        self.counts.zero_()
+        self.dropped.zero_()
+        self.aux = {}
+        local_loss = self._forward_backward()
+        if self.cfg.fold.data_parallel != "fsdp":
+            reduce_gradients(self.parts, self.fm)
         clip = self.cfg.optimizer.grad_clip
-        norm = clip_grad_norm_(self.model, self.fm, clip if clip > 0 else float("inf"))
+        norm = clip_grad_norm_(self.parts, self.fm, clip if clip > 0 else float("inf"))
         # losses: mean over micro-batches and over the dp·cp token shards
-        stats = torch.stack([loss_sum / self.n_micro, norm.to(loss_sum.dtype)])
+        stats = torch.stack([local_loss, norm.to(local_loss.dtype)])
         dist.all_reduce(stats[:1], group=self.fm["dp_cp"].get_group())
         loss_value = stats[0] / (self.dp * self.cp)
         # NOTE: host synchronisation, once per step: the non-finite check decides the step.
+        # The loss and the norm are the same on every rank (pp included), so is the decision.
         loss_f, norm_f = float(loss_value), float(stats[1])
         finite = bool(torch.isfinite(torch.tensor([loss_f, norm_f])).all())
         skipped = False
@@ -150,27 +208,37 @@ class Trainer:
             self.log.log_event(self.step + 1, "skipped " + msg)
             skipped = True
         if not skipped:
-            self.optimizer.step()
+            for opt in self.optimizers:
+                opt.step()
             for r in self.routers:
                 if r.expert_bias is not None:
                     r.update_expert_bias()
-        self.optimizer.zero_grad(set_to_none=True)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
         for r in self.routers:
             r.reset_global_counts()
-        self.scheduler.step()
+        for sched in self.schedulers:
+            sched.step()
         self.step += 1
-        return dict(loss=loss_f, grad_norm=norm_f, aux=aux, counts=counts, dropped=dropped,
-                    skipped=skipped)
+        return dict(loss=loss_f, grad_norm=norm_f, aux=self.aux, counts=self.counts.clone(),
+                    dropped=self.dropped.clone(), skipped=skipped)
 
     @torch.no_grad()
     def validate(self) -> float:
-        self.model.eval()
+        for part in self.parts:
+            part.eval()
         total = torch.zeros((), device=self.device)
         for i in range(self.cfg.training.val_batches):
+            if self.pipe is not None:  # already the mean over the micro-batches
+                ids, labels = self._replica_rows(self.val_data, i)
+                with self._autocast():
+                    total += self.pipe.eval(ids, labels) * self.n_micro
+                continue
             for ids, labels in self._micro_batches(self.val_data, i):
                 with self._autocast():
-                    total += cross_entropy(self.model(ids), labels, self.fm)
-        self.model.train()
+                    total += cross_entropy(self.parts[0](ids), labels, self.fm)
+        for part in self.parts:
+            part.train()
         dist.all_reduce(total, group=self.fm["dp_cp"].get_group())
         n = self.cfg.training.val_batches * self.n_micro * self.dp * self.cp
         return float(total) / n
@@ -185,7 +253,9 @@ class Trainer:
         # expert load over the whole stage (one collective per log interval)
         counts, dropped = out["counts"], out["dropped"]
         both = torch.cat([counts, dropped[:, None]], dim=1)
-        dist.all_reduce(both, group=self.fm["dp_cp_tp"].get_group())
+        # over the stage's ranks, and over pp: each stage fills only its own layers' rows
+        world = self.fm.world.get_group()
+        dist.all_reduce(both, group=world)
         both = both.cpu()
         experts = {}
         for layer, row in enumerate(both):
@@ -197,15 +267,15 @@ class Trainer:
                 "dropped": row[-1].item() / total if total else 0.0,
             }
         aux = {k: v.clone() for k, v in out["aux"].items()}
-        for v in aux.values():  # per-rank terms add up over the stage; mean over replicas
-            dist.all_reduce(v, group=self.fm["dp_cp_tp"].get_group())
+        for v in aux.values():  # per-rank terms add up over the stages; mean over replicas
+            dist.all_reduce(v, group=world)
         aux = {k: float(v) / self.n_micro / self.dp for k, v in aux.items()}
         if self.device.type == "cuda":
             peak_mem = torch.cuda.max_memory_allocated(self.device) / 2**30
         else:  # the process's peak resident memory (kilobytes on Linux)
             peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         return dict(step=self.step, loss=out["loss"], aux_loss=aux.get("aux_loss"),
-                    z_loss=aux.get("z_loss"), lr=self.scheduler.get_last_lr()[0],
+                    z_loss=aux.get("z_loss"), lr=self.schedulers[0].get_last_lr()[0],
                     grad_norm=out["grad_norm"], tokens_per_s=tps, mfu=mfu,
                     peak_mem_gib=peak_mem, step_time_s=seconds / steps,
                     skipped=out["skipped"], experts=experts)
@@ -247,7 +317,7 @@ class Trainer:
         self.log.close()
         if cfg.checkpoint.export_hf:
             from ..hf import save_pretrained
-            save_pretrained(self.model, f"{cfg.checkpoint.dir}/hf")
+            save_pretrained(self.parts, f"{cfg.checkpoint.dir}/hf", mesh=self.fm)
         if cfg.metrics.plots and self.rank == 0:
             from ..plot import plot_run
             plot_run(cfg.checkpoint.dir)

@@ -192,7 +192,7 @@ def test_config_overrides(hf_checkpoint):
     model = from_pretrained(hf_checkpoint("mixtral")[0], dtype=torch.bfloat16,
                             config_overrides=dict(capacity_factor=2.0))
     assert model.config.capacity_factor == 2.0
-    assert model.layers[0].attn.q_proj.weight.dtype == torch.bfloat16
+    assert model.layers["0"].attn.q_proj.weight.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("name", ["debug-mixtral", "debug-qwen2", "debug-qwen3", "demo"])

@@ -91,13 +91,14 @@ def load_slices(model, ref):
 def readme_fsdp(model, fm):
     """FSDP2 written out as in the README."""
     factor = fm.fold.dp * fm.fold.cp  # every gradient is a sum over ranks divided by dp·cp
-    for block in model.layers:
+    for block in model.layers.values():
         experts = [m for m in block.modules() if isinstance(m, FoldedExperts)]
         ignored = set()
         for ex in experts:
             if fm.fold.edp > 1:
                 fully_shard(ex, mesh=fm["edp"])
                 ex.set_gradient_divide_factor(factor)
+                ex.set_force_sum_reduction_for_comms(True)   # plain sums: gloo has no PreMulSum
             else:
                 ignored |= set(ex.parameters())
                 scale_gradients(ex.parameters(), factor)

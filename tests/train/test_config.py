@@ -200,9 +200,38 @@ def test_fold_must_fit_the_world():
     assert "fold.tp=2" in msg and "world size 6" in msg
 
 
-def test_pipeline_parallel_rejected():
-    msg = error(validate_config, with_(demo(), fold__pp=2), 16)
-    assert "fold.pp = 1" in msg and "not supported" in msg
+def test_pipeline_parallel_accepted():
+    # 16 ranks: pp2 x (tp2 cp2 dp2); 8 sequences per replica in 2 micro-batches
+    validate_config(with_(demo(), fold__pp=2, training__micro_batch=4), 16)
+    validate_config(with_(demo(), fold__pp=2, training__micro_batch=4,
+                          fold__pp_schedule="Interleaved1F1B", fold__pp_layers=(1, 1, 1, 1)), 16)
+
+
+PP = dict(fold__pp=2, training__micro_batch=4)  # the demo on 16 ranks, 2 micro-batches
+
+
+@pytest.mark.parametrize("changes, words", [
+    # one micro-batch per step (no accumulation) for 2 stages
+    (dict(fold__pp=2), ["fold.pp_schedule = '1F1B'", "at least as many micro-batches",
+                        "training.micro_batch 0 (the whole replica batch) gives 1"]),
+    (dict(PP, fold__pp_schedule="Zigzag"), ["fold.pp_schedule = 'Zigzag'", "1F1B", "GPipe"]),
+    (dict(PP, fold__pp_schedule="ZBVZeroBubble", fold__pp_stages_per_rank=1),
+     ["'ZBVZeroBubble'", "exactly fold.pp_stages_per_rank = 2"]),
+    (dict(PP, fold__pp_stages_per_rank=2), ["runs one stage per rank", "Interleaved1F1B"]),
+    (dict(PP, fold__pp_schedule="Interleaved1F1B", fold__pp_stages_per_rank=3),
+     ["4 layers cannot be split over 6 pipeline stages", "fold.pp_stages_per_rank"]),
+    (dict(PP, fold__pp_layers=(3, 2)), ["fold.pp_layers = [3, 2]", "4 layers", "2 stages"]),
+    # 5 micro-batches in rounds of pp = 2: not a multiple of max(1, 5 // 2) = 2
+    (dict(fold__pp=2, fold__pp_schedule="Interleaved1F1B", training__global_batch=10,
+          training__micro_batch=1), ["rounds of fold.pp = 2", "got 5"]),
+    (dict(PP, model__overrides={"tie_embeddings": True}),
+     ["tied embeddings", "model.overrides.tie_embeddings"]),
+], ids=["too-few-microbatches", "unknown-schedule", "v-needs-two", "single-stage-schedule",
+        "layers-over-stages", "bad-split", "interleaved-rounds", "tied"])
+def test_pipeline_errors_name_the_setting(changes, words):
+    msg = error(validate_config, with_(demo(), **changes), 16)
+    for w in words:
+        assert w in msg, (w, msg)
 
 
 def test_global_batch_over_dp():
@@ -280,15 +309,13 @@ PAPER = {"mixtral_8x22b": (128, 8), "qwen2_57b_a14b": (64, 4), "mixtral_8x22b_g8
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
-def test_paper_configs_load_and_are_rejected_for_pipeline_parallelism(name):
-    """configs/paper/*.toml parse, fit their GPU count, and fail only on fold.pp (until
-    pipeline parallelism lands), naming it."""
+def test_paper_configs_pass_the_check_on_their_gpu_count(name):
+    """configs/paper/*.toml parse and pass the configuration check, pipeline included, on
+    their GPU count (and not on one GPU fewer per stage)."""
     gpus, pp = PAPER[name]
     path = Path(__file__).parents[2] / "configs" / "paper" / f"{name}.toml"
     cfg = load_config(["--config", str(path)])
     assert cfg.fold.pp == pp
-    with pytest.raises(ConfigError, match=f"fold.pp = {pp}: pipeline parallelism"):
-        validate_config(cfg, gpus)
-    cfg.fold.pp = 1  # with pp folded into dp everything else fits the same GPUs
     cfg.data.path = str(path)  # any existing file: the corpus is not read here
     validate_config(cfg, gpus)
+    assert "fold" in error(validate_config, cfg, gpus - pp)
