@@ -40,13 +40,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, timeout: float, conn) -> None:
+def _worker(rank: int, world_size: int, port: int, timeout: float, conn,
+            initializer: Callable[[], Any] | None = None) -> None:
     import torch
     import torch.distributed as dist
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     try:
+        if initializer is not None:
+            initializer()
         # The collective timeout makes a rank stuck in a collective raise instead of hanging;
         # it is shorter than the call's so that the rank can still report its traceback.
         dist.init_process_group(
@@ -83,13 +86,21 @@ class RankPool:
         world_size: number of ranks.
         timeout: seconds a call may take before it fails; each collective inside it fails
             after ``0.8 * timeout``, so a rank stuck in one reports where it was.
+        startup_timeout: seconds the ranks may take to start (spawn, import torch, join the
+            process group), counted apart from any call: on a machine busy with other work
+            start-up can take far longer than a call, and a hang timeout must not depend on it.
+        initializer: a picklable callable each rank runs before joining the process group
+            (environment variables, seeds).
     """
 
-    def __init__(self, world_size: int, timeout: float = 60.0):
+    def __init__(self, world_size: int, timeout: float = 60.0, startup_timeout: float = 600.0,
+                 initializer: Callable[[], Any] | None = None):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.world_size = world_size
         self.timeout = timeout
+        self.startup_timeout = startup_timeout
+        self.initializer = initializer
         self._procs: list[mp.Process] = []
         self._conns: list = []
         self._start()
@@ -104,14 +115,14 @@ class RankPool:
             parent, child = ctx.Pipe()
             p = ctx.Process(
                 target=_worker,
-                args=(rank, self.world_size, port, self.timeout, child),
+                args=(rank, self.world_size, port, self.timeout, child, self.initializer),
                 daemon=True,
             )
             p.start()
             child.close()
             self._procs.append(p)
             self._conns.append(parent)
-        self._collect(self.timeout, what="start-up")
+        self._collect(self.startup_timeout, what="start-up")
 
     def _collect(self, timeout: float, what: str) -> list[Any]:
         deadline = time.monotonic() + timeout
