@@ -5,6 +5,7 @@ another (etp x ep x edp x pp); both are views of one device mesh.
 """
 
 from ._fold import ATTN_AXES, MOE_AXES, Fold, FoldError
+from ._init import init_weights
 from ._mesh import FLATTENED, FoldedMesh, build_folded_mesh
 from ._sequence import distribute_tokens, natural_order, sequence_order
 from ._transition import to_attn, to_moe
@@ -27,6 +28,7 @@ __all__ = [
     "distribute_tokens",
     "from_pretrained",
     "grad_norm",
+    "init_weights",
     "natural_order",
     "parallelize",
     "reduce_gradients",

@@ -122,6 +122,11 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+def part_seed(seed: int, place: int) -> int:
+    """The RNG seed of the part at ``place`` (see ``Transformer.parts``) for a run's seed."""
+    return (seed * 1_000_003 + place) % 2**63
+
+
 class Transformer(nn.Module):
     """Token ids [B, L] int64 -> logits [B, L, V].
 
@@ -169,26 +174,30 @@ class Transformer(nn.Module):
 
         Args:
             seed: when given, each part (see ``parts``) draws from the RNG seeded with
-                ``seed`` and the part's place, so a pipeline stage gets exactly the values the
-                whole model would for its parts (on the same tensor-parallel layout). None:
-                draw from the current RNG state, part after part.
+                ``part_seed(seed, place)``, so a pipeline stage gets exactly the values the
+                whole model would for its parts (on the same tensor-parallel layout; for any
+                layout see ``foldmesh.init_weights``). None: draw from the current RNG state,
+                part after part.
         """
-        std = self.config.init_std
         for place, part in self.parts():
             if seed is not None:
-                torch.manual_seed((seed * 1_000_003 + place) % 2**63)
-            if part is self.embed or (part is self.lm_head
-                                      and not self.config.tie_embeddings):
-                nn.init.normal_(part.weight, std=std)
-                continue
-            for m in part.modules():
-                if isinstance(m, SwiGLU):
-                    for lin in (m.gate_proj, m.up_proj, m.down_proj):
-                        nn.init.normal_(lin.weight, std=std)
-                elif hasattr(m, "reset_parameters") and not isinstance(
-                        m, (nn.Embedding, nn.Linear)):
-                    m.reset_parameters()
+                torch.manual_seed(part_seed(seed, place))
+            self.init_part(part)
         self.tie_weights()
+
+    @torch.no_grad()
+    def init_part(self, part: nn.Module) -> None:
+        """Initialise one of ``parts()`` from the current RNG state."""
+        std = self.config.init_std
+        if part is self.embed or (part is self.lm_head and not self.config.tie_embeddings):
+            nn.init.normal_(part.weight, std=std)
+            return
+        for m in part.modules():
+            if isinstance(m, SwiGLU):
+                for lin in (m.gate_proj, m.up_proj, m.down_proj):
+                    nn.init.normal_(lin.weight, std=std)
+            elif hasattr(m, "reset_parameters") and not isinstance(m, (nn.Embedding, nn.Linear)):
+                m.reset_parameters()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """x: token ids [B, L] int64 (hidden states [B, L, H] when ``embed`` is None);

@@ -12,14 +12,19 @@
         pool.run(check_mine, fold, seed)    # check_mine: a module-level function
 
 Hypothesis draws in the test process; every rank runs the same example.
+``CollectiveCounter(fm)`` records every collective of a block (kind, fold axis, bytes,
+forward or backward) for checks against what a layer's docs promise.
 """
 
+from ._comm import CollectiveCounter, CollectiveRecord
 from ._compare import TOLERANCES, assert_close_to_reference, full
 from ._pool import RankError, RankPool, RankTimeout, folded_mesh
 from ._strategies import all_folds, factorizations, folds
 
 __all__ = [
     "TOLERANCES",
+    "CollectiveCounter",
+    "CollectiveRecord",
     "RankError",
     "RankPool",
     "RankTimeout",

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
-from .. import Fold, apply_fsdp, parallelize
+from .. import Fold, apply_fsdp, init_weights, parallelize
 from ..hf import config_from_hf, load_hf_weights
 from ..hf._load import read_config
 from ..models import Transformer
@@ -74,8 +74,8 @@ def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
 def build_model(cfg: TrainConfig, fm, device: torch.device) -> list[Transformer]:
     """This rank's parallelized model with fp32 weights: the whole model, or with pp > 1 its
     pipeline stages (``foldmesh.pipeline.split_model``). Initialised from ``training.seed``
-    part by part (every rank the same draws, so replicated weights agree, and a stage draws
-    what the whole model draws for its layers) or loaded from ``model.hf_path``."""
+    with the values one process would draw (``foldmesh.init_weights``: the same on every fold
+    and pipeline split) or loaded from ``model.hf_path``."""
     f = cfg.fold
     kw = dict(dispatcher=f.dispatcher, activation_checkpoint=f.activation_checkpoint)
     hf = None
@@ -99,8 +99,8 @@ def build_model(cfg: TrainConfig, fm, device: torch.device) -> list[Transformer]
         if hf is not None:
             part.hf_architecture, part.hf_config = arch, hf
             load_hf_weights(part, cfg.model.hf_path, arch)
-        else:
-            part.init_weights(seed=cfg.training.seed)
+        else:  # the same values on any fold (and pp split) of the run
+            init_weights(part, cfg.training.seed)
         part.train()
     if f.data_parallel == "fsdp":
         dtype = compute_dtype(cfg, device)

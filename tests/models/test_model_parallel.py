@@ -195,3 +195,31 @@ def check_errors(fold):
 
 def test_errors_name_the_setting(pool):
     pool.run(check_errors, Fold(tp=2, cp=2, dp=2, ep=4, etp=2))
+
+
+def check_init(fold, name, ac):
+    """``foldmesh.init_weights`` gives the single-process ``init_weights(seed)`` values on any
+    fold (on CPU DTensor's own draws would depend on the layout)."""
+    from foldmesh import init_weights
+
+    fm = folded_mesh(fold)
+    cfg = MODELS[name]
+    with torch.device("meta"):
+        model = Transformer(cfg, dtype=DTYPE)
+    parallelize(model, fm, activation_checkpoint=ac)
+    model.to_empty(device="cpu")
+    init_weights(model, 11)
+    ref = Transformer(cfg, dtype=DTYPE)
+    ref.init_weights(seed=11)
+    want = {**dict(ref.named_parameters()), **dict(ref.named_buffers())}
+    for pname, t in [*model.named_parameters(), *model.named_buffers()]:
+        got = t.full_tensor() if isinstance(t, DTensor) else t
+        assert torch.equal(got, want[clean(pname)]), pname
+
+
+@settings(max_examples=6, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fold=folds(WORLD, pp=(1,), max_tp=2), name=st.sampled_from(sorted(MODELS)),
+       ac=st.sampled_from(["none", "full"]))
+def test_init_weights_do_not_depend_on_the_fold(pool, fold, name, ac):
+    pool.run(check_init, fold, name, ac)
