@@ -17,6 +17,8 @@ from .._fold import Fold, FoldError
 from ..models import PRESETS, ModelConfig
 from ..pipeline import check_pipeline, split_layers
 from ._config_io import ConfigError, check_overrides, config_from_dict, config_to_dict, did_you_mean
+from ._dashboards import check_dashboards
+from ._profiling import check_profile
 from ._sources import BYTE_VOCAB
 from .config import TrainConfig
 
@@ -24,7 +26,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fold.dispatcher": ("alltoall", "allgather"),
     "fold.data_parallel": ("fsdp", "replicate"),
     "fold.activation_checkpoint": ("none", "full"),
-    "data.source": ("stdlib", "tokens", "text"),
+    "data.source": ("stdlib", "tokens", "text", "corpus", "prepared"),
+    "data.sampling": ("epochs", "replacement"),
     "data.dtype": ("uint16", "uint32"),
     "training.dtype": ("auto", "bf16", "fp32"),
     "training.on_nonfinite": ("stop", "skip"),
@@ -207,9 +210,31 @@ def _check_pipeline(cfg: TrainConfig, mc: ModelConfig, fold: Fold) -> None:
             "= false or fold.pp = 1")
 
 
+def _check_documents(cfg: TrainConfig, mc: ModelConfig) -> None:
+    """A document source's tokenizer (or prepared directory) against the model."""
+    from ..data import DataError, check_vocab, load_tokenizer, read_manifest
+    from ._corpus import tokenizer_spec
+
+    d = cfg.data
+    spec = tokenizer_spec(cfg)
+    what = (f"data.tokenizer = {spec!r}" if d.source == "corpus"
+            else f"data.path = {d.path!r} (prepared)")
+    try:
+        if d.source == "corpus":
+            vocab = load_tokenizer(spec).vocab_size
+        else:
+            vocab = read_manifest(Path(d.path))["vocab_size"]
+        check_vocab(vocab, mc.vocab_size)
+    except DataError as e:
+        raise ConfigError(f"{what}: {e}") from None
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"data.path = {d.path!r}: not a prepared token directory ({e}); "
+                          "write one with python -m foldmesh.data.prepare") from None
+
+
 def _check_data_path(cfg: TrainConfig) -> None:
     d = cfg.data
-    if d.source not in ("tokens", "text"):
+    if d.source not in ("tokens", "text", "corpus", "prepared"):
         return
     if not d.path:
         raise ConfigError(f"data.source = {d.source!r} needs data.path: set it to a file or "
@@ -226,7 +251,9 @@ def validate_config(cfg: TrainConfig, world_size: int) -> None:
     stages per rank, layer split, micro-batches, untied embeddings) when fold.pp > 1; the
     global batch over dp and micro-batches; ``data.seq_len`` over cp and tp; the model preset
     (or ``model.hf_path``'s config.json) with ``model.overrides``, its sizes over tp, ep and
-    etp, and its vocabulary against byte-level data; ``data.path`` for file sources.
+    etp, and its vocabulary against byte-level data; ``data.path`` for file sources; the
+    profiled steps against ``training.steps``, and that the packages of the dashboards asked
+    for (TensorBoard, W&B) import.
     Not checked: whether ``training.device = "cuda"`` has a GPU (the trainer finds out).
     """
     # A config built in Python skipped config_from_dict's type checks.
@@ -248,3 +275,7 @@ def validate_config(cfg: TrainConfig, world_size: int) -> None:
     _check_model(cfg, mc, fold)
     _check_pipeline(cfg, mc, fold)
     _check_data_path(cfg)
+    if cfg.data.source in ("corpus", "prepared"):
+        _check_documents(cfg, mc)
+    check_profile(cfg)
+    check_dashboards(cfg.metrics)

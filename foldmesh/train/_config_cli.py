@@ -14,6 +14,7 @@ for string fields the text is taken verbatim unless it is a quoted TOML string.
 from __future__ import annotations
 
 import ast
+import copy
 import inspect
 import itertools
 import sys
@@ -181,7 +182,9 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
             config_from_dict(layer)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
-        merge(merged, layer)
+        # a copy: merging later layers into a preset's nested tables must not change the
+        # preset for the next load_config in this process
+        merge(merged, copy.deepcopy(layer))
     return config_from_dict(merged)
 
 

@@ -61,11 +61,25 @@ class FoldSection:
 @dataclass
 class DataSection:
     source: str = "stdlib"
-    """"stdlib": the Python standard library's own source files, read at byte level (no
-    download); "tokens": memory-mapped token files (``path``, ``dtype``); "text": plain text
-    files under ``path``, read at byte level."""
+    """Token streams, windows drawn with replacement: "stdlib" (the Python standard library's
+    own source files at byte level, no download), "tokens" (memory-mapped token files:
+    ``path``, ``dtype``), "text" (text files under ``path`` at byte level). Document corpora,
+    packed into sequences epoch by epoch (``sampling``): "corpus" (local text, JSON Lines
+    and Parquet files under ``path``, tokenized once by ``tokenizer`` into
+    ``checkpoint.dir``/tokens before training) or "prepared" (a directory written by
+    ``python -m foldmesh.data.prepare``; no tokenizer at run time)."""
     path: str = ""
-    """A file or directory for "tokens" / "text" (for "tokens": *.bin files of ids)."""
+    """A file or directory for "tokens" / "text" / "corpus" / "prepared" (for "tokens":
+    *.bin files of ids)."""
+    tokenizer: str = ""
+    """For "corpus": a Hugging Face tokenizer.json or a directory holding one, or "bytes";
+    empty: ``model.hf_path``'s tokenizer when it has one, else "bytes"."""
+    text_field: str = "text"
+    """The JSON Lines field / Parquet column holding each document's text ("corpus")."""
+    sampling: str = "epochs"
+    """Document corpora: "epochs" (shuffled documents without replacement, epoch after
+    epoch, EOS between documents, padding masked out of the loss) or "replacement" (windows
+    drawn with replacement from the token stream)."""
     dtype: str = "uint16"
     """Token id type of "tokens" files: "uint16" or "uint32"."""
     seq_len: int = 256
@@ -145,6 +159,20 @@ class MetricsSection:
     """A progress bar on rank 0."""
     plots: bool = True
     """Draw PNG plots into the run directory at the end."""
+    tensorboard: bool = False
+    """TensorBoard event files with metrics.jsonl's scalars in ``checkpoint.dir``/tensorboard
+    (rank 0; needs ``pip install tensorboard``)."""
+    wandb: bool = False
+    """The same scalars to an offline Weights & Biases run in ``checkpoint.dir``/wandb
+    (needs ``pip install wandb``; upload later with ``wandb sync``)."""
+    profile_steps: tuple[int, ...] = ()
+    """``[first, last]``: a torch.profiler trace of these optimizer steps (1-based,
+    inclusive) on every rank, ``checkpoint.dir``/profile/rank<k>.json (Chrome trace format,
+    for Perfetto or chrome://tracing); empty = off."""
+    memory_snapshot: bool = False
+    """With ``profile_steps``, on CUDA: record allocations from the first profiled step and
+    write ``checkpoint.dir``/profile/memory-rank<k>.pickle after it (for
+    pytorch.org/memory_viz); ignored on CPU."""
 
 
 @dataclass

@@ -13,7 +13,9 @@ a counter-based draw (B: global_batch, L: seq_len + 1). Hence:
   step number, and changing the world size keeps the data order;
 - windows of a split never reach into the other split.
 
-Batches are sampled with replacement (uniform starts), not epochs over the stream.
+Batches of these streams are sampled with replacement (uniform starts). Document corpora
+("corpus", "prepared") are packed epoch by epoch instead (``foldmesh.data.PackedBatches``),
+with the same properties: addressed by step, the same at any dp degree, per-replica rows.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import struct
 import numpy as np
 import torch
 
+from ..data import PackedBatches, PackedSequences, TokenDataset, split_documents
 from ._sources import ByteStream, MemmapStream, stdlib_stream, text_stream, token_stream
 from .config import DataSection
 
@@ -146,9 +149,50 @@ class TokenBatches:
         self.step = int(state["step"])
 
 
-def build_data(cfg: DataSection, global_batch: int, seed: int
-               ) -> tuple[TokenBatches, TokenBatches]:
-    """The (train, val) batches of ``cfg``'s source; both share one stream."""
+Batches = TokenBatches | PackedBatches
+
+
+def read_rows(data: Batches, step: int, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``rows`` of global batch ``step``: token ids and labels, int64 ``[len(rows), S]``
+    each (labels are the next tokens; ``IGNORE_INDEX`` where a packed sequence is padded)."""
+    if isinstance(data, PackedBatches):
+        b = data.batch(step, rows)
+        return b.inputs, b.labels
+    windows = data.batch(step, rows)
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+def num_targets(data: Batches, step: int) -> int:
+    """Labels that count in the loss over all rows of global batch ``step`` (no tokens read):
+    the loss of a step is the sum over its tokens divided by this, at any dp degree."""
+    if isinstance(data, PackedBatches):
+        return data.num_targets(step)
+    return data.global_batch * data.seq_len
+
+
+def _document_data(cfg: DataSection, global_batch: int, seed: int, token_dir
+                   ) -> tuple[Batches, Batches]:
+    """A prepared token directory: packed epochs of its documents (train and val documents
+    split once, by seed), or windows with replacement from its stream."""
+    ds = TokenDataset(token_dir)
+    if cfg.sampling == "replacement":
+        n = len(ds)
+        cut = n - int(n * cfg.val_fraction)
+        return (TokenBatches(ds, 0, cut, "train", cfg.seq_len, global_batch, seed),
+                TokenBatches(ds, cut, n, "val", cfg.seq_len, global_batch, seed))
+    train_docs, val_docs = split_documents(ds.num_documents, cfg.val_fraction, seed)
+    train = PackedBatches(PackedSequences(ds, cfg.seq_len, seed, documents=train_docs),
+                          global_batch, "train")
+    val = PackedBatches(PackedSequences(ds, cfg.seq_len, seed, documents=val_docs),
+                        global_batch, "val")
+    return train, val
+
+
+def build_data(cfg: DataSection, global_batch: int, seed: int, token_dir=None
+               ) -> tuple[Batches, Batches]:
+    """The (train, val) batches of ``cfg``'s source. Streams share one stream split by
+    ``val_fraction`` of its tokens; document sources ("corpus", "prepared") read the token
+    directory ``token_dir`` (``foldmesh.train._corpus.token_dir``)."""
     if cfg.seq_len < 1:
         raise ValueError(f"data.seq_len = {cfg.seq_len} must be at least 1")
     if global_batch < 1:
@@ -158,6 +202,8 @@ def build_data(cfg: DataSection, global_batch: int, seed: int
                          "0 and 1")
     if cfg.source != "tokens" and cfg.max_bytes < 1:
         raise ValueError(f"data.max_bytes = {cfg.max_bytes} must be positive")
+    if cfg.source in ("corpus", "prepared"):
+        return _document_data(cfg, global_batch, seed, token_dir or cfg.path)
     if cfg.source == "stdlib":
         stream = stdlib_stream(cfg.max_bytes)
     elif cfg.source == "text":

@@ -12,6 +12,8 @@ The file is opened in append mode, so a resumed run continues it; records writte
 last checkpoint then appear twice, and readers keep the last record per (kind, step)
 (``foldmesh.plot`` does). Non-finite floats are written as Python's json writes them
 (``NaN``, ``Infinity``), which ``read_metrics`` reads back.
+
+``sinks`` (``foldmesh.train._dashboards``: TensorBoard, W&B) get the same records' scalars.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ class MetricsLogger:
         progress: show a tqdm bar on stderr (off for logs redirected to a file).
         enabled: False on ranks other than 0: every method does nothing, no file is opened.
         start_step: the step a resumed run continues from (where the bar starts).
+        sinks: dashboards given each train and val record's scalars: objects with
+            ``open(start_step)`` (called before the first record), ``log(step, scalars)``
+            and ``close()`` (see ``foldmesh.train._dashboards``).
 
     Log lines go to stdout; while the bar is shown they are printed above it.
     """
@@ -80,8 +85,10 @@ class MetricsLogger:
         progress: bool = True,
         enabled: bool = True,
         start_step: int = 0,
+        sinks: list | tuple = (),
     ) -> None:
         self.enabled = enabled
+        self._sinks, self._sinks_open = list(sinks) if enabled else [], False
         self.total_steps = total_steps
         self.start_step = start_step
         self.progress = progress and enabled
@@ -109,6 +116,15 @@ class MetricsLogger:
         self._file.write(json.dumps(record, default=_jsonable) + "\n")
         # Flushed per record: a crash loses at most the record being written.
         self._file.flush()
+        if record["kind"] in ("train", "val") and self._sinks:
+            from ._dashboards import scalars
+
+            if not self._sinks_open:  # opened late: a resume has set start_step by now
+                for sink in self._sinks:
+                    sink.open(self.start_step)
+                self._sinks_open = True
+            for sink in self._sinks:
+                sink.log(record["step"], scalars(record))
 
     def _print(self, line: str) -> None:
         if self._bar is None:
@@ -190,6 +206,9 @@ class MetricsLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
+        for sink in self._sinks:
+            sink.close()
+        self._sinks = []
         self.enabled = self.progress = False
 
     def __enter__(self) -> MetricsLogger:

@@ -27,11 +27,16 @@ import torch
 import torch.distributed as dist
 
 from .. import clip_grad_norm_, cross_entropy, reduce_gradients
-from .._sequence import replica_tokens
+from .._sequence import _cp_chunks, replica_tokens
+from ..loss import local_cross_entropy
 from ..moe import MoE, Router
 from ..moe.router import recomputing
 from ..pipeline import apply_pipeline
 from . import checkpoint as ckpt
+from ._corpus import token_dir
+from ._dashboards import open_dashboards
+from ._profiling import StepProfiler
+from ._run_config import write_run_config
 from .build import (
     build_fold,
     build_model,
@@ -41,7 +46,7 @@ from .build import (
     set_foreach,
 )
 from .config import TrainConfig
-from .data import build_data
+from .data import build_data, num_targets, read_rows
 from .flops import flops_per_token, peak_flops
 from .metrics import MetricsLogger
 
@@ -69,7 +74,12 @@ class Trainer:
         self.rows = t.global_batch // self.dp  # this replica's sequences per step
         self.micro = t.micro_batch or self.rows
         self.n_micro = self.rows // self.micro
-        self.train_data, self.val_data = build_data(cfg.data, t.global_batch, t.seed)
+        self.train_data, self.val_data = build_data(cfg.data, t.global_batch, t.seed,
+                                                    token_dir(cfg))
+        # the loss of a step: the sum over its tokens times dp·cp / (the global batch's
+        # counted labels), so that the dp·cp-averaged gradient is the exact token mean also
+        # when packed sequences are padded (set per step, read by the pipeline's loss too)
+        self._loss_norm = 1.0
         self.routers = [m for p in self.parts for m in p.modules() if isinstance(m, Router)]
         for r in self.routers:  # see foldmesh.parallelize: cp, per micro-batch
             r.loss_scale = self.cp / self.n_micro
@@ -83,10 +93,15 @@ class Trainer:
             self.pipe = apply_pipeline(
                 self.parts, self.fm, schedule=cfg.fold.pp_schedule, microbatches=self.n_micro,
                 microbatch_size=self.micro, seq_len=cfg.data.seq_len,
-                dtype=self.dtype if fsdp else torch.float32, device=self.device)
+                dtype=self.dtype if fsdp else torch.float32, device=self.device,
+                loss_fn=self._stage_loss)
         self.step = 0
         self.log = MetricsLogger(cfg.checkpoint.dir, t.steps, progress=cfg.metrics.progress,
-                                 enabled=self.rank == 0)
+                                 enabled=self.rank == 0,
+                                 sinks=open_dashboards(cfg, self.rank == 0))
+        if self.rank == 0:  # what python -m foldmesh.generate rebuilds the model from
+            write_run_config(cfg)
+        self.profiler = StepProfiler(cfg, self.rank, self.device)
         self.flops = flops_per_token(self.model_cfg, cfg.data.seq_len)
         self.peak = peak_flops(self.device)
 
@@ -149,10 +164,17 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _replica_rows(self, data, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This data-parallel replica's ``[rows, S]`` token ids and labels of a step."""
+        """This data-parallel replica's ``[rows, S]`` token ids and labels of a step; sets
+        the step's loss normaliser."""
         d = self.fm.coordinate("dp")
-        rows = data.batch(step, range(d * self.rows, (d + 1) * self.rows)).to(self.device)
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        ids, labels = read_rows(data, step, range(d * self.rows, (d + 1) * self.rows))
+        self._loss_norm = self.dp * self.cp / max(1, num_targets(data, step))
+        return ids.to(self.device), labels.to(self.device)
+
+    def _stage_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The pipeline's last stage: a micro-batch's summed token loss, normalised."""
+        target = _cp_chunks(labels, self.fm)
+        return local_cross_entropy(logits, target, self.fm, "sum") * self._loss_norm
 
     def _micro_batches(self, data, step: int):
         ids, labels = self._replica_rows(data, step)
@@ -161,7 +183,9 @@ class Trainer:
             yield replica_tokens(ids[rows], self.fm), replica_tokens(labels[rows], self.fm)
 
     def _forward_backward(self) -> torch.Tensor:
-        """This rank's mean token loss over the step's micro-batches (fp32 scalar); the
+        """This rank's share of the step's loss (fp32 scalar): its tokens' summed loss times
+        dp·cp / the step's counted labels, so that the mean over dp·cp is the global token
+        mean (without padding: the mean of the micro-batches' per-rank means). The
         gradients accumulate in the parts."""
         if self.pipe is not None:
             ids, labels = self._replica_rows(self.train_data, self.step)
@@ -175,10 +199,10 @@ class Trainer:
                 model.set_requires_gradient_sync(i == self.n_micro - 1)
             with self._autocast():
                 logits = model(ids)
-            loss = cross_entropy(logits, labels, self.fm)
-            (loss / self.n_micro).backward()
+            loss = cross_entropy(logits, labels, self.fm, reduction="sum") * self._loss_norm
+            loss.backward()
             loss_sum += loss.detach()
-        return loss_sum / self.n_micro
+        return loss_sum
 
     def train_step(self) -> dict:
         self.counts.zero_()
@@ -189,7 +213,7 @@ class Trainer:
             reduce_gradients(self.parts, self.fm)
         clip = self.cfg.optimizer.grad_clip
         norm = clip_grad_norm_(self.parts, self.fm, clip if clip > 0 else float("inf"))
-        # losses: mean over micro-batches and over the dp·cp token shards
+        # the global token mean: the average of the ranks' shares over the dp·cp shards
         stats = torch.stack([local_loss, norm.to(local_loss.dtype)])
         dist.all_reduce(stats[:1], group=self.fm["dp_cp"].get_group())
         loss_value = stats[0] / (self.dp * self.cp)
@@ -229,18 +253,19 @@ class Trainer:
             part.eval()
         total = torch.zeros((), device=self.device)
         for i in range(self.cfg.training.val_batches):
-            if self.pipe is not None:  # already the mean over the micro-batches
+            if self.pipe is not None:
                 ids, labels = self._replica_rows(self.val_data, i)
                 with self._autocast():
-                    total += self.pipe.eval(ids, labels) * self.n_micro
+                    total += self.pipe.eval(ids, labels)
                 continue
             for ids, labels in self._micro_batches(self.val_data, i):
                 with self._autocast():
-                    total += cross_entropy(self.parts[0](ids), labels, self.fm)
+                    logits = self.parts[0](ids)
+                total += cross_entropy(logits, labels, self.fm, "sum") * self._loss_norm
         for part in self.parts:
             part.train()
         dist.all_reduce(total, group=self.fm["dp_cp"].get_group())
-        n = self.cfg.training.val_batches * self.n_micro * self.dp * self.cp
+        n = self.cfg.training.val_batches * self.dp * self.cp
         return float(total) / n
 
     # ------------------------------------------------------------------ metrics
@@ -295,7 +320,8 @@ class Trainer:
                 print(f"fault injection: rank 1 exits before step {self.step + 1}", flush=True)
                 os._exit(1)
             start = time.perf_counter()
-            out = self.train_step()
+            with self.profiler.step(self.step + 1, last):
+                out = self.train_step()
             since += 1
             if self.step % every == 0 or self.step == last:
                 seconds = time.perf_counter() - tick

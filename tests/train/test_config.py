@@ -319,3 +319,10 @@ def test_paper_configs_pass_the_check_on_their_gpu_count(name):
     cfg.data.path = str(path)  # any existing file: the corpus is not read here
     validate_config(cfg, gpus)
     assert "fold" in error(validate_config, cfg, gpus - pp)
+
+
+def test_overrides_do_not_change_the_presets():
+    """Layers merge into a copy: an override of a preset's table in one load_config must not
+    leak into the next (it did, through the shared nested dict)."""
+    load_config(["--preset", "debug", "--model.overrides.dense_layers", "[1]"])
+    assert "dense_layers" not in load_config(["--preset", "debug"]).model.overrides
