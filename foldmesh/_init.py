@@ -21,7 +21,9 @@ from .models.model import part_seed
 _WRAPPED = "_checkpoint_wrapped_module."
 
 
-def _local_block(t: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+def local_block(t: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's block of ``full`` (the global value of ``t``), as ``t`` holds it: all of it
+    for a plain tensor, the local shard for a DTensor."""
     if not isinstance(t, DTensor):
         return full
     shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
@@ -56,6 +58,6 @@ def init_weights(model: Transformer, seed: int) -> None:
         for name, t in [*part.named_parameters(), *part.named_buffers()]:
             src = full[name.replace(_WRAPPED, "")]
             local = t.to_local() if isinstance(t, DTensor) else t
-            local.copy_(_local_block(t, src))
+            local.copy_(local_block(t, src))
         places[place] = None  # release the unsharded part
     model.tie_weights()

@@ -17,7 +17,7 @@ forward or backward) for checks against what a layer's docs promise.
 """
 
 from ._comm import CollectiveCounter, CollectiveRecord
-from ._compare import TOLERANCES, assert_close_to_reference, full
+from ._compare import TOLERANCES, assert_close_to_reference, full, load_reference
 from ._pool import RankError, RankPool, RankTimeout, folded_mesh
 from ._strategies import all_folds, factorizations, folds
 
@@ -34,4 +34,5 @@ __all__ = [
     "folded_mesh",
     "folds",
     "full",
+    "load_reference",
 ]

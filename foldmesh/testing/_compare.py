@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.distributed.tensor import DTensor
+
+from .._init import local_block
 
 # Default tolerances per dtype: fp32 results differ from a single-process reference only by
 # reduction order; bf16 keeps 8 mantissa bits.
@@ -49,3 +52,14 @@ def assert_close_to_reference(
         **tol,
         msg=lambda m: f"{name}{where} differs from the single-process reference:\n{m}",
     )
+
+
+@torch.no_grad()
+def load_reference(model: nn.Module, ref: nn.Module) -> None:
+    """Copy the single-process reference ``ref``'s weights into the parallel ``model`` (or a
+    pipeline stage of it) by parameter name, each rank its own block of every DTensor;
+    activation-checkpoint wrappers' levels are ignored in the names."""
+    full = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        src = full[name.replace("_checkpoint_wrapped_module.", "")]
+        (p.to_local() if isinstance(p, DTensor) else p).copy_(local_block(p, src))

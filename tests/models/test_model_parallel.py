@@ -15,7 +15,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from foldmesh import (
     Fold,
@@ -32,7 +31,13 @@ from foldmesh import (
 from foldmesh.data_parallel import scale_gradients
 from foldmesh.models import Transformer, preset
 from foldmesh.moe.parallel import FoldedExperts
-from foldmesh.testing import RankPool, assert_close_to_reference, folded_mesh, folds
+from foldmesh.testing import (
+    RankPool,
+    assert_close_to_reference,
+    folded_mesh,
+    folds,
+    load_reference,
+)
 
 WORLD = 8
 DTYPE = torch.float64
@@ -73,21 +78,6 @@ def reference(cfg, seed, B, S, dp=1):
     return ref, ids, labels, logits.detach(), loss.detach()
 
 
-def load_slices(model, ref):
-    """Copy the reference weights into the parallel model, each rank its own block."""
-    full = dict(ref.named_parameters())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            src = full[clean(name)]
-            if isinstance(p, DTensor):
-                shape, offset = compute_local_shape_and_global_offset(
-                    p.shape, p.device_mesh, p.placements)
-                block = src[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
-                p.to_local().copy_(block)
-            else:
-                p.copy_(src)
-
-
 def readme_fsdp(model, fm):
     """FSDP2 written out as in the README."""
     factor = fm.fold.dp * fm.fold.cp  # every gradient is a sum over ranks divided by dp·cp
@@ -121,7 +111,7 @@ def check_model(fold, name, dp_mode, b, m, seed, dispatcher, ac, aux=False, shar
     parallelize(model, fm, dispatcher=dispatcher, activation_checkpoint=ac)
     model.to_empty(device="cpu")
     model.tie_weights()
-    load_slices(model, ref)
+    load_reference(model, ref)
     if dp_mode == "fsdp_readme":
         readme_fsdp(model, fm)
     elif dp_mode == "fsdp":

@@ -17,8 +17,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from foldmesh import (
     Fold,
@@ -32,7 +30,13 @@ from foldmesh import (
 from foldmesh.models import Transformer, preset
 from foldmesh.moe import Router
 from foldmesh.pipeline import SCHEDULES, apply_pipeline, check_pipeline, split_model
-from foldmesh.testing import RankPool, assert_close_to_reference, folded_mesh, folds
+from foldmesh.testing import (
+    RankPool,
+    assert_close_to_reference,
+    folded_mesh,
+    folds,
+    load_reference,
+)
 
 WORLD = 8
 DTYPE = torch.float64
@@ -71,21 +75,6 @@ def reference(cfg, seed, ids, labels, chunks):
     return ref, total
 
 
-def load_slices(model, ref):
-    """Copy the reference weights into a stage (global names), each rank its own block."""
-    full = dict(ref.named_parameters())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            src = full[clean(name)]
-            if isinstance(p, DTensor):
-                shape, offset = compute_local_shape_and_global_offset(
-                    p.shape, p.device_mesh, p.placements)
-                block = src[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
-                p.to_local().copy_(block)
-            else:
-                p.copy_(src)
-
-
 def check_pipeline_model(fold, name, num_layers, split, schedule, spr, n, m, seq, seed,
                          dp_mode, aux, ac="none"):
     fm = folded_mesh(fold)
@@ -113,7 +102,7 @@ def check_pipeline_model(fold, name, num_layers, split, schedule, spr, n, m, seq
     for part in parts:
         parallelize(part, fm, activation_checkpoint=ac)
         part.to_empty(device="cpu")
-        load_slices(part, ref)
+        load_reference(part, ref)
         for r in (x for x in part.modules() if isinstance(x, Router)):
             calls.append(0)
             r.register_forward_hook(counter(len(calls) - 1))
