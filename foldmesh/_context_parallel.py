@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed._functional_collectives as fc
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ._mesh import FoldedMesh
 
@@ -52,7 +53,11 @@ class ContextParallelAttention:
         for i, j in enumerate((self.rank, 2 * self.cp - 1 - self.rank)):
             n = (j + 1) * c  # chunk j sees the keys of chunks 0..j
             qi = q[:, :, i * c:(i + 1) * c]
+            # CausalBias is a Tensor subclass built by the legacy constructor, which fails
+            # under an active TorchDispatchMode (CollectiveCounter, FakeTensorMode): build it
+            # outside any mode. It holds no data, only the two lengths.
+            with _disable_current_modes():
+                mask = causal_lower_right(c, n)
             outs.append(F.scaled_dot_product_attention(
-                qi, k[:, :, :n], v[:, :, :n], attn_mask=causal_lower_right(c, n),
-                enable_gqa=gqa))
+                qi, k[:, :, :n], v[:, :, :n], attn_mask=mask, enable_gqa=gqa))
         return torch.cat(outs, dim=2)

@@ -116,6 +116,12 @@ def reduce_gradients(model: nn.Module | Sequence[nn.Module], fm: FoldedMesh) -> 
     for p in _parameters(model):
         if p.grad is None:
             continue
+        g = p.grad
+        if (isinstance(p, DTensor) and isinstance(g, DTensor) and g.placements != p.placements
+                and not any(isinstance(x, Partial) for x in g.placements)):
+            # The vocabulary-parallel embedding's gradient comes back replicated over tp:
+            # keep this rank's rows (a local slice), so the all-reduce carries only the shard.
+            p.grad = g.redistribute(p.device_mesh, p.placements)
         name, local = _reduce_group(p, fm)
         buckets.setdefault((name, local.dtype), []).append((p, local))
     factor = fm.fold.dp * fm.fold.cp

@@ -62,6 +62,9 @@ class ModelConfig:
     """Use the embedding matrix as the output projection."""
     capacity_factor: float | None = None
     """None: dropless MoE. Otherwise the per-rank expert capacity factor."""
+    pad_to_capacity: bool = False
+    """With a capacity: pad every expert to exactly its capacity (static shapes and no host
+    synchronisation in the all-to-all dispatcher; the same numbers as without padding)."""
     aux_loss_coeff: float = 0.0
     """Load-balancing loss coefficient (0 = off)."""
     z_loss_coeff: float = 0.0
@@ -95,6 +98,9 @@ class ModelConfig:
         if any(not self.is_moe(i) for i in range(self.num_layers)) and self.ffn_size <= 0:
             raise ValueError("ModelConfig.ffn_size must be > 0 when a layer is dense "
                              f"(dense layers: {self.dense_layer_ids})")
+        if self.pad_to_capacity and self.capacity_factor is None:
+            raise ValueError("ModelConfig.pad_to_capacity needs a capacity: set "
+                             "capacity_factor (e.g. 1.0) or pad_to_capacity=False")
         self.router_config()  # validates topk against num_experts
 
     @property
@@ -130,6 +136,7 @@ class ModelConfig:
     def moe_config(self) -> MoEConfig:
         return MoEConfig(
             ffn_size=self.expert_ffn_size, capacity_factor=self.capacity_factor,
+            pad_to_capacity=self.pad_to_capacity,
             shared_ffn_size=self.shared_ffn_size, shared_gate=self.shared_gate,
             init_std=self.init_std,
         )

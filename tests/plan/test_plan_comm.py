@@ -1,0 +1,171 @@
+"""The planner's collectives and state memory against a real trainer step on 8 gloo ranks.
+
+Every rank builds the real ``Trainer`` (``foldmesh.train``) for a drawn fold, runs one step
+(a pipeline's first step also runs torch's P2P warm-up), then runs a second step under
+``CollectiveCounter``. The planner (``foldmesh.plan.step_collectives``), given only the
+trainer's config, must predict every rank's bytes and call counts per (kind, axis,
+direction) exactly; and its weight, gradient and AdamW-state bytes (``state_bytes``) must
+equal the rank's tensors exactly. Routing is static (``pad_to_capacity``): with it the
+all-to-all sizes are known without the routing decisions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.distributed.tensor import DTensor
+
+from foldmesh import Fold
+from foldmesh.plan import bytes_by, counts_by, from_train_config, state_bytes, step_collectives
+from foldmesh.testing import CollectiveCounter, RankPool, folds
+from foldmesh.train import load_config, validate_config
+
+WORLD = 8
+# The demo preset shrunk: every size divides tp <= 4 and ep, etp <= 8; a step takes ~1-3 s.
+SMALL = ["--preset", "demo",
+         "--model.overrides.hidden_size", "64", "--model.overrides.expert_ffn_size", "64",
+         "--model.overrides.capacity_factor", "1.0",
+         "--model.overrides.pad_to_capacity", "true",
+         "--data.seq_len", "32", "--data.max_bytes", "200000", "--training.global_batch", "8",
+         "--training.device", "cpu", "--training.dtype", "fp32", "--training.val_every", "0",
+         "--checkpoint.every", "0", "--checkpoint.resume", "false",
+         "--metrics.progress", "false", "--metrics.plots", "false"]
+# Qwen2-MoE's features on the same sizes: a dense first layer, a gated shared expert
+QWEN = ["--model.overrides.first_k_dense", "1", "--model.overrides.ffn_size", "64",
+        "--model.overrides.shared_ffn_size", "64", "--model.overrides.shared_gate", "true",
+        "--model.overrides.qkv_bias", "true"]
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with RankPool(WORLD, timeout=180) as p:
+        yield p
+
+
+def make_config(fold: Fold, data_parallel: str, run_dir, *, ac="none", micro=0, layers=2,
+                schedule="1F1B", stages=0, extra=()):
+    cfg = load_config([*SMALL, *extra, "--model.overrides.num_layers", str(layers),
+                       "--training.micro_batch", str(micro),
+                       "--fold.tp", str(fold.tp), "--fold.cp", str(fold.cp),
+                       "--fold.ep", str(fold.ep), "--fold.etp", str(fold.etp),
+                       "--fold.pp", str(fold.pp), "--fold.data_parallel", data_parallel,
+                       "--fold.activation_checkpoint", ac, "--fold.pp_schedule", schedule,
+                       "--fold.pp_stages_per_rank", str(stages),
+                       "--checkpoint.dir", str(run_dir)])
+    validate_config(cfg, WORLD)
+    return cfg
+
+
+def _local_bytes(t) -> int:
+    t = t.to_local() if isinstance(t, DTensor) else t
+    return t.numel() * t.element_size()
+
+
+def measure(cfg) -> dict:
+    """On every rank: a warm-up step, a counted step, then the rank's state tensors."""
+    from foldmesh import reduce_gradients
+    from foldmesh.train.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.train_step()
+        counter = CollectiveCounter(trainer.fm)
+        with counter:
+            trainer.train_step()
+        # gradients of a third step's forward/backward, reduced as the step reduces them
+        trainer._forward_backward()
+        if cfg.fold.data_parallel != "fsdp":
+            reduce_gradients(trainer.parts, trainer.fm)
+        params = [p for part in trainer.parts for p in part.parameters()]
+        out = dict(
+            bytes=counter.bytes_by(), counts=counter.counts_by(),
+            weights=sum(_local_bytes(p) for p in params),
+            gradients=sum(_local_bytes(p.grad) for p in params if p.grad is not None),
+            optimizer=sum(_local_bytes(v) for opt in trainer.optimizers
+                          for state in opt.state.values() for v in state.values()),
+            params_without_grad=sum(p.grad is None for p in params))
+    finally:
+        trainer.log.close()
+    trainer.fm.destroy()
+    return out
+
+
+def check(pool, cfg) -> None:
+    results = pool.run(measure, cfg)
+    workload, layout = from_train_config(cfg, WORLD, "cpu")
+    for rank, got in enumerate(results):
+        predicted = step_collectives(workload, layout, rank)
+        want_bytes = bytes_by(predicted, layout.fold)
+        want_counts = counts_by(predicted, layout.fold)
+        keys = sorted(set(got["bytes"]) | set(want_bytes))
+        wrong = [(k, got["bytes"].get(k), want_bytes.get(k), got["counts"].get(k),
+                  want_counts.get(k)) for k in keys
+                 if got["bytes"].get(k) != want_bytes.get(k)
+                 or got["counts"].get(k) != want_counts.get(k)]
+        assert not wrong, (f"{layout} rank {rank}: (key, measured bytes, predicted bytes, "
+                           f"measured calls, predicted calls):\n" +
+                           "\n".join(map(str, wrong)))
+        assert got["params_without_grad"] == 0
+        weights, gradients, optimizer = state_bytes(workload, layout, rank)
+        assert (got["weights"], got["gradients"], got["optimizer"]) == (
+            weights, gradients, optimizer), (layout, rank)
+
+
+@settings(max_examples=10, deadline=None, database=None)
+@given(fold=folds(WORLD, pp=(1, 2), max_tp=4),
+       data_parallel=st.sampled_from(["fsdp", "replicate"]),
+       ac=st.sampled_from(["none", "full"]), two_micro=st.booleans())
+def test_predicted_bytes_equal_counted(pool, tmp_path_factory, fold, data_parallel, ac,
+                                       two_micro):
+    rows = 8 // fold.dp
+    micro = 1 if fold.pp > 1 else (rows // 2 if two_micro and rows > 1 else 0)
+    cfg = make_config(fold, data_parallel, tmp_path_factory.mktemp("run"), ac=ac, micro=micro)
+    check(pool, cfg)
+
+
+PINNED = [
+    # ep spanning cp and dp ranks, etp != tp, both dp modes
+    (Fold(tp=2, cp=2, ep=4, etp=2), "replicate", dict(ac="full")),
+    (Fold(tp=1, cp=4, ep=2, etp=2), "fsdp", {}),
+    # dense FSDP over one rank (dp·cp = 1) while the experts shard over edp = 4
+    (Fold(tp=2, cp=4, ep=2), "fsdp", {}),
+    # a dense layer and a gated shared expert, tensor-parallel
+    (Fold(tp=2, ep=4, etp=2), "fsdp", dict(extra=QWEN, layers=3)),
+    (Fold(pp=2, tp=2, ep=2), "replicate", dict(extra=QWEN, layers=3, micro=1)),
+    # interleaved stages: 4 stages on 2 pp ranks, each rank's two stages apart
+    (Fold(pp=2, tp=2, ep=4), "fsdp", dict(layers=4, micro=1, schedule="Interleaved1F1B",
+                                          stages=2)),
+]
+
+
+@pytest.mark.parametrize("fold,data_parallel,kw", PINNED, ids=lambda v: repr(v)[:40])
+def test_pinned_folds(pool, tmp_path, fold, data_parallel, kw):
+    check(pool, make_config(fold, data_parallel, tmp_path, **kw))
+
+
+def test_dispatch_volume_is_figure_2s_minimum():
+    """The all-to-all bytes of a balanced layer are the analytic minimum: each token copy
+    leaves its rank once when its expert lives on another ep rank, (ep-1)/ep of T·k copies,
+    and reaches each of the etp ranks of that expert once (docs/planner.md)."""
+    from foldmesh.models import preset
+    from foldmesh.plan import Layout, Workload
+
+    cfg = preset("mixtral-8x22b")
+    work = Workload(cfg, global_batch=256, seq_len=4096)
+    for fold in (Fold(tp=2, ep=8, pp=8), Fold(tp=2, ep=4, etp=2, pp=8)):
+        layout = Layout(fold.resolve(128))
+        f = layout.fold
+        per_layer = [c for c in step_collectives(work, layout, 0)
+                     if c.what.startswith("layer 0 ") and c.kind == "all_to_all"
+                     and c.direction == "forward"]
+        tokens = 4096 // f.tp
+        copies = tokens * cfg.topk
+        ep_bytes = sum(c.total for c in per_layer if c.group == "ep") / layout.microbatches(work)
+        assert ep_bytes == pytest.approx(2 * copies * (f.ep - 1) / f.ep * 6144 * 2)
+        etp_bytes = sum(c.total for c in per_layer if c.group == "etp")
+        assert etp_bytes / layout.microbatches(work) == pytest.approx(
+            2 * (f.etp - 1) * copies * 6144 * 2)
+        assert math.isfinite(ep_bytes)
