@@ -37,7 +37,19 @@ all_gather_autograd = (
 reduce_scatter_autograd = (
     getattr(fc, "reduce_scatter_single_autograd", None) or fc.reduce_scatter_tensor_autograd
 )
-all_to_all_autograd = fc.all_to_all_single_autograd
+_all_to_all_autograd = fc.all_to_all_single_autograd
+
+
+def _ready(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor of a functional collective's result. Functional collectives return
+    an ``AsyncCollectiveTensor`` that waits when a torch op first reads it; the Triton
+    kernels read its data pointer directly, which the wrapper does not have. ``wait()`` is a
+    stream wait (no host synchronisation) and keeps the autograd graph."""
+    return t.wait() if isinstance(t, fc.AsyncCollectiveTensor) else t
+
+
+def all_to_all_autograd(*args, **kwargs) -> torch.Tensor:
+    return _ready(_all_to_all_autograd(*args, **kwargs))
 
 
 class _Dispatcher:
@@ -120,17 +132,19 @@ class AllGatherDispatcher(_Dispatcher):
         El, P = self.num_local, self.ep * self.etp
         cap = moe.capacity_args(tokens)
         if cap:
-            # each rank drops among its own tokens, exactly as the all-to-all path does
+            # each rank drops among its own tokens, exactly as the all-to-all path does; only
+            # the kept mask is used, and the padded layout gives the same one without the
+            # host synchronisation the unpadded one needs to size its buffer
             routing = build_routing(indices, probs, moe.num_experts, cap["capacity"],
-                                    cap["drop_policy"], False)
+                                    cap["drop_policy"], True)
             kept = routing.row_map >= 0
             probs = probs * kept
             indices = torch.where(kept, indices, moe.num_experts)
         if P > 1:
             g = self.ep_etp_group
-            tokens = all_gather_autograd(tokens, 0, g)
-            probs_all = all_gather_autograd(probs, 0, g)
-            indices = all_gather(indices, 0, g)
+            tokens = _ready(all_gather_autograd(tokens, 0, g))
+            probs_all = _ready(all_gather_autograd(probs, 0, g))
+            indices = _ready(all_gather(indices, 0, g))
         else:
             probs_all = probs
         # copies for other ranks' experts (and dropped ones) go to a sink group past the local

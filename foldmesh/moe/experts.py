@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import swiglu_experts
+from ..kernels import grouped_gemm, swiglu
 
 
 class GroupedExperts(nn.Module):
@@ -43,8 +43,15 @@ class GroupedExperts(nn.Module):
     def compute(tokens, counts, w_gate, w_up, w_down) -> torch.Tensor:
         """The expert FFN on explicit (possibly local-shard) weights; rows past
         ``counts.sum()`` give zeros. With F split over etp the result is a partial sum."""
-        w_gate_up = torch.cat([w_gate, w_up], dim=2).to(tokens.dtype)
-        return swiglu_experts(tokens, w_gate_up, w_down.to(tokens.dtype), counts)
+        # Gate and up as two grouped GEMMs rather than one on torch.cat([w_gate, w_up]): the
+        # GEMM saves its weight for backward, and a concatenated copy would stay alive per
+        # layer and micro-batch in flight (El·H·2F elements, the largest saved tensor of a
+        # Mixtral layer). The parameters themselves are kept alive anyway.
+        dt = tokens.dtype
+        offsets = torch.cumsum(counts, 0)
+        h = torch.cat([grouped_gemm(tokens, w_gate.to(dt), offsets),
+                       grouped_gemm(tokens, w_up.to(dt), offsets)], dim=1)  # [M, 2F]
+        return grouped_gemm(swiglu(h), w_down.to(dt), offsets)
 
 
 class SwiGLU(nn.Module):

@@ -50,6 +50,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .._fold import Fold
 from .._mesh import FLATTENED
@@ -91,6 +92,7 @@ class Collective:
 
 
 # ----------------------------------------------------------------------------- groups
+@lru_cache(maxsize=65536)
 def group_size(fold: Fold, name: str) -> int:
     """Ranks in the group of a fold name (an axis, a flattened name, or "world")."""
     if name == "world":
@@ -102,6 +104,7 @@ def group_size(fold: Fold, name: str) -> int:
     return out
 
 
+@lru_cache(maxsize=65536)
 def axis_label(fold: Fold, name: str) -> str:
     """The ``axis`` CollectiveCounter gives a collective on the group of ``name``.
 
@@ -133,17 +136,20 @@ class _Step:
     def __init__(self, fold: Fold):
         self.fold = fold
         self.out: list[Collective] = []
+        self.layers = 1  # identical layers of a stage are added once, this many times
+        self.size = {n: group_size(fold, n) for n in (*AXES, *FLATTENED, "world")}
 
     def add(self, kind, group, direction, nbytes, count, what, scope="microbatch",
             always=False):
-        if count <= 0 or (not always and group_size(self.fold, group) == 1):
+        count *= self.layers
+        if count <= 0 or (not always and self.size[group] == 1):
             return
         self.out.append(Collective(kind, group, direction, nbytes, count, what, scope))
 
     def pair(self, kind, group, nbytes, count, what, recompute=False):
         """A forward collective and its backward mirror (plus the recomputed forward)."""
-        mirror = {"all_gather": ("reduce_scatter", group_size(self.fold, group)),
-                  "reduce_scatter": ("all_gather", 1 / group_size(self.fold, group)),
+        mirror = {"all_gather": ("reduce_scatter", self.size[group]),
+                  "reduce_scatter": ("all_gather", 1 / self.size[group]),
                   "all_to_all": ("all_to_all", 1)}[kind]
         self.add(kind, group, "forward", nbytes, count, what)
         self.add(mirror[0], group, "backward", nbytes * mirror[1], count, what + " (grad)")
@@ -193,68 +199,75 @@ def step_collectives(workload: Workload, layout: Layout, rank: int = 0, *,
     last = layout.num_stages - 1 if f.pp > 1 else 0
     d, hkv = cfg.resolved_head_dim, cfg.num_kv_heads // f.tp
 
-    def block(i: int) -> None:
-        st.pair("all_gather", "tp", tokens * h * stream, n, f"layer {i} attention in", ac)
-        st.pair("reduce_scatter", "tp", f.tp * tokens * h * compute, n,
-                f"layer {i} attention out", ac)
-        st.pair("all_gather", "cp", b * hkv * (s_len // f.cp) * d * compute, 2 * n,
-                f"layer {i} K/V", ac)
-        if not cfg.is_moe(i):
-            st.pair("all_gather", "tp", tokens * h * stream, n, f"layer {i} MLP in", ac)
-            st.pair("reduce_scatter", "tp", f.tp * tokens * h * compute, n,
-                    f"layer {i} MLP out", ac)
-            return
-        moe(i)
+    def block(i: int, name: str | None = None) -> None:
+        _block(i, name or f"layer {i}")
 
-    def moe(i: int) -> None:
+    def _block(i, label) -> None:
+        st.pair("all_gather", "tp", tokens * h * stream, n, f"{label} attention in", ac)
+        st.pair("reduce_scatter", "tp", f.tp * tokens * h * compute, n,
+                f"{label} attention out", ac)
+        st.pair("all_gather", "cp", b * hkv * (s_len // f.cp) * d * compute, 2 * n,
+                f"{label} K/V", ac)
+        if not cfg.is_moe(i):
+            st.pair("all_gather", "tp", tokens * h * stream, n, f"{label} MLP in", ac)
+            st.pair("reduce_scatter", "tp", f.tp * tokens * h * compute, n,
+                    f"{label} MLP out", ac)
+            return
+        moe(i, label)
+
+    def moe(i: int, label: str) -> None:
         rc = cfg.router_config()
         passes = 2 if ac else 1
         if rc.seq_aux_loss_coeff > 0 or rc.aux_loss_coeff > 0 or rc.z_loss_coeff > 0:
             stats = cfg.num_experts + 1 + (b * cfg.num_experts if rc.seq_aux_loss_coeff else 0)
             for direction in ("forward", "backward")[:passes]:
                 st.add("all_reduce", "cp_tp", direction, stats * INT64, n,
-                       f"layer {i} router losses")
+                       f"{label} router losses")
         if rc.global_aux_loss_coeff > 0:
             for direction in ("forward", "backward")[:passes]:
                 st.add("all_reduce", "dp_cp_tp", direction, (cfg.num_experts + 1) * INT64, n,
-                       f"layer {i} router global loss")
+                       f"{label} router global loss")
         st.add("all_reduce", "tp", "backward", cfg.num_experts * h * weight, n,
-               f"layer {i} router gate gradient")
+               f"{label} router gate gradient")
         if workload.dispatcher == "allgather":
-            allgather_dispatch(i)
+            allgather_dispatch(label)
         else:
-            alltoall_dispatch(i)
+            alltoall_dispatch(label)
         if cfg.shared_ffn_size:
-            st.pair("all_gather", "tp", tokens * h * stream, n, f"layer {i} shared in", ac)
+            st.pair("all_gather", "tp", tokens * h * stream, n, f"{label} shared in", ac)
             st.pair("reduce_scatter", "tp", f.tp * tokens * h * compute, n,
-                    f"layer {i} shared out", ac)
+                    f"{label} shared out", ac)
 
-    def alltoall_dispatch(i: int) -> None:
+    def alltoall_dispatch(label: str) -> None:
         if not workload.pad_to_capacity:
             for direction in ("forward", "backward")[:2 if ac else 1]:
                 st.add("all_gather", "ep_etp", direction, cfg.num_experts * INT64, n,
-                       f"layer {i} expert counts")
+                       f"{label} expert counts")
         sent, m = _moe_rows(workload, f, tokens)
-        st.pair("all_to_all", "ep", sent * h * stream, 2 * n, f"layer {i} dispatch/combine",
+        st.pair("all_to_all", "ep", sent * h * stream, 2 * n, f"{label} dispatch/combine",
                 ac)
         st.pair("all_to_all", "etp", (f.etp - 1) * m * h * stream, 2 * n,
-                f"layer {i} etp gather/scatter", ac)
+                f"{label} etp gather/scatter", ac)
 
-    def allgather_dispatch(i: int) -> None:
+    def allgather_dispatch(label: str) -> None:
         group, ranks = "ep_etp", f.ep * f.etp
-        st.pair("all_gather", group, tokens * h * stream, n, f"layer {i} tokens", ac)
-        st.pair("all_gather", group, tokens * cfg.topk * stream, n, f"layer {i} probs", ac)
+        st.pair("all_gather", group, tokens * h * stream, n, f"{label} tokens", ac)
+        st.pair("all_gather", group, tokens * cfg.topk * stream, n, f"{label} probs", ac)
         for direction in ("forward", "backward")[:2 if ac else 1]:
             st.add("all_gather", group, direction, tokens * cfg.topk * INT64, n,
-                   f"layer {i} expert ids")
-        st.pair("reduce_scatter", group, ranks * tokens * h * stream, n, f"layer {i} combine",
+                   f"{label} expert ids")
+        st.pair("reduce_scatter", group, ranks * tokens * h * stream, n, f"{label} combine",
                 ac)
 
     for stage, layers in stages:
         if stage == 0:
             st.pair("reduce_scatter", "tp", f.tp * tokens * h * stream, n, "embedding out")
-        for i in layers:
-            block(i)
+        for moe_layer in (False, True):  # a stage's dense layers issue the same, so do its MoE
+            same = [i for i in layers if cfg.is_moe(i) == moe_layer]
+            if same:
+                st.layers = len(same)
+                block(same[0], f"layers {same[0]}-{same[-1]}" if len(same) > 1 else None)
+                st.layers = 1
         if stage == last:
             st.pair("all_gather", "tp", tokens * h * stream, n, "head in")
             st.add("all_reduce", "tp", "forward", seq_block * FP32, n, "loss max")
@@ -262,11 +275,14 @@ def step_collectives(workload: Workload, layout: Layout, rank: int = 0, *,
         if f.pp > 1 and p2p:
             p2p_messages(st, layout, stage, tokens * h * stream, n)
 
-    params = rank_params(cfg, layout, rank)
+    lite = Layout(f, schedule=layout.schedule, stages_per_rank=layout.stages_per_rank)
     if fsdp:
-        fsdp_collectives(st, f, rank, params, n, weight)
+        # FSDP2 accumulates unsharded gradients in its fp32 reduce_dtype while gradient sync
+        # is off (earlier micro-batches, or a whole pipeline step): the tp sums are then fp32
+        partial = FP32 if (f.pp > 1 or n > 1) else weight
+        fsdp_collectives(st, f, rank, (cfg, lite), n, weight, partial)
     else:
-        replicate_collectives(st, f, params)
+        replicate_collectives(st, f, rank_params(cfg, lite, rank))
     st.add("all_reduce", "world", "forward", FP64, 1, "gradient norm", "step")
     if trainer:
         st.add("all_reduce", "dp_cp", "forward", FP32, 1, "trainer loss", "step", always=True)
@@ -293,33 +309,43 @@ def p2p_messages(st: _Step, layout: Layout, stage: int, nbytes: float, n: int) -
         st.add("recv", "pp", "forward", nbytes, n, f"stage {stage} gradient in", "p2p")
 
 
-def fsdp_collectives(st: _Step, f: Fold, rank: int, params: list[ParamShard], n: int,
-                     weight: int) -> None:
+def fsdp_collectives(st: _Step, f: Fold, rank: int, params: tuple, n: int, weight: int,
+                     partial: int) -> None:
     """FSDP2 per group: all-gathers, one reduce-scatter, tp all-reduces of partial sums."""
-    groups: dict[str, list[ParamShard]] = defaultdict(list)
-    for p in params:
-        if p.expert and f.edp == 1:
-            continue  # ignored by FSDP: one copy of each shard, nothing to gather
-        groups[p.group].append(p)
     pp1 = f.pp == 1
     sync = "backward" if pp1 else "forward"
-    for name, members in groups.items():
-        expert = members[0].expert
+    for name, expert, ranks, padded, partials in _fsdp_groups(f, rank, params[0], params[1]):
         mesh = "edp" if expert else "dp_cp"
-        ranks, _ = fsdp_index(f, rank, expert)
-        padded = sum(p.fsdp_shard(ranks, 0)[0] for p in members)
         gathers = n if pp1 else 1
         st.add("all_gather", mesh, "forward", padded * weight, gathers, f"FSDP {name}",
                "step", always=True)
         if pp1:
             st.add("all_gather", mesh, "backward", padded * weight, gathers, f"FSDP {name}",
                    "step", always=True)
-        for p in members:
-            if p.tp_partial:
-                st.add("all_reduce", "tp", sync, p.numel * weight, 1, f"FSDP {p.name} tp sum",
-                       "step")
+        for numel in partials:
+            st.add("all_reduce", "tp", sync, numel * partial, 1, f"FSDP {name} tp sum", "step")
         st.add("reduce_scatter", mesh, sync, ranks * padded * FP32, 1, f"FSDP {name}", "step",
                always=True)
+
+
+@lru_cache(maxsize=8192)
+def _fsdp_groups(f: Fold, rank: int, cfg, layout: Layout) -> tuple:
+    """(group, expert, ranks, padded shard elements, tp-partial parameter sizes) per FSDP
+    group of the rank's parameters."""
+    params = rank_params(cfg, layout, rank)
+    groups: dict[str, list[ParamShard]] = defaultdict(list)
+    for p in params:
+        if p.expert and f.edp == 1:
+            continue  # ignored by FSDP: one copy of each shard, nothing to gather
+        groups[p.group].append(p)
+    out = []
+    for name, members in groups.items():
+        expert = members[0].expert
+        ranks, _ = fsdp_index(f, rank, expert)
+        padded = sum(p.fsdp_shard(ranks, 0)[0] for p in members)
+        out.append((name, expert, ranks, padded,
+                    tuple(p.numel for p in members if p.tp_partial)))
+    return tuple(out)
 
 
 def replicate_collectives(st: _Step, f: Fold, params: Iterable[ParamShard]) -> None:

@@ -11,13 +11,18 @@ Under FSDP2 the rank also holds, while a group computes, the group's gathered we
 the compute dtype (and their gradients before the reduce-scatter): with pp = 1 one block at
 a time is gathered (plus the next one prefetched); with pp > 1 ``foldmesh.train`` keeps a
 stage's weights gathered for the whole step (``reshard_after_forward=False``), so the whole
-stage counts. Replication holds full fp32 copies already counted as weights.
+stage counts. Whenever gradient synchronisation is off for some micro-batches (pp > 1, or
+pp = 1 with several micro-batches: the trainer syncs only on the last), FSDP2 accumulates
+every group's *unsharded* gradients in fp32 until the step's reduce-scatter: the rank's
+whole unsharded model, 4 bytes a parameter. Replication holds full fp32 copies already
+counted as weights.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from ._params import ParamShard, fsdp_index, rank_params
 from ._workload import Layout, Workload
@@ -38,9 +43,11 @@ class Memory:
     activations: int = 0
     """Saved for backward, over every micro-batch in flight."""
     dispatch: int = 0
-    """The MoE dispatch's transient buffers at the peak layer."""
+    """The MoE dispatch's rows and indices saved for backward, over the micro-batches in
+    flight (kept apart from the other activations: they scale with k and the capacity)."""
     pipeline: int = 0
-    """Stage-boundary buffers of the micro-batches in flight."""
+    """The pipeline's stage-boundary receive buffers (torch allocates one per micro-batch
+    and direction for the whole step)."""
     detail: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -66,7 +73,13 @@ def local_numel(p: ParamShard, layout: Layout, rank: int) -> int:
 
 def state_bytes(workload: Workload, layout: Layout, rank: int) -> tuple[int, int, int]:
     """(weights, gradients, optimizer) bytes of ``rank``: exact, see the module docstring."""
-    params = rank_params(workload.model, layout, rank)
+    return _state_bytes(workload.model, layout.replace(micro_batch=1,
+                                                       activation_checkpoint="none"), rank)
+
+
+@lru_cache(maxsize=8192)
+def _state_bytes(cfg, layout: Layout, rank: int) -> tuple[int, int, int]:
+    params = rank_params(cfg, layout, rank)
     numel = sum(local_numel(p, layout, rank) for p in params)
     return numel * FP32, numel * FP32, 2 * numel * FP32 + FP32 * len(params)
 
@@ -75,16 +88,31 @@ def gathered_bytes(workload: Workload, layout: Layout, rank: int) -> int:
     """FSDP2's gathered weights and unreduced gradients at the peak (compute dtype)."""
     if layout.data_parallel != "fsdp":
         return 0
+    accumulate = layout.microbatches(workload) > 1
+    return _gathered(workload.model, workload.act_bytes,
+                     layout.replace(micro_batch=1, activation_checkpoint="none"), rank,
+                     accumulate)
+
+
+@lru_cache(maxsize=8192)
+def _gathered(cfg, e: int, layout: Layout, rank: int, accumulate: bool) -> int:
     f = layout.fold
     groups: dict[str, int] = defaultdict(int)
-    for p in rank_params(workload.model, layout, rank):
+    for p in rank_params(cfg, layout, rank):
         if p.expert and f.edp == 1:
             continue
         ranks, _ = fsdp_index(f, rank, p.expert)
         groups[p.group.split(".")[-1]] += p.fsdp_shard(ranks, 0)[0] * ranks
     sizes = sorted(groups.values(), reverse=True)
-    e = workload.act_bytes
-    if f.pp > 1:  # the stage stays gathered all step; gradients accumulate unsharded
-        return 2 * sum(sizes) * e
-    # one layer computing, the next prefetched; gradients of the layer in backward
-    return (sum(sizes[:2]) + sizes[0]) * e if sizes else 0
+    if not sizes:
+        return 0
+    if f.pp > 1:
+        # the stage stays gathered all step, and with gradient sync off until the schedule
+        # ends FSDP2 accumulates the stage's unsharded gradients in its fp32 reduce_dtype
+        return sum(sizes) * (e + FP32)
+    if accumulate:
+        # one layer computing and the next prefetched; with sync off for all but the last
+        # micro-batch every group keeps its unsharded fp32 gradients until the step's end
+        return sum(sizes[:2]) * e + sum(sizes) * FP32
+    # one layer computing, the next prefetched; the gradients of the layer in backward
+    return (sum(sizes[:2]) + sizes[0]) * e

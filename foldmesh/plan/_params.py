@@ -106,20 +106,32 @@ def _shard(name: str, shape: tuple[int, ...], fold: Fold) -> tuple[tuple[int, ..
     return tuple(s), False, fold.tp > 1 and not router
 
 
-def stages_of(cfg: ModelConfig, layout: Layout, pp_rank: int) -> list[tuple[int, range]]:
+def stages_of(cfg: ModelConfig, layout: Layout, pp_rank: int) -> tuple[tuple[int, range], ...]:
     """(stage index, its global layer indices) of every stage pp rank ``pp_rank`` runs."""
     f = layout.fold
     if f.pp == 1:
-        return [(0, range(cfg.num_layers))]
-    layers = split_layers(cfg.num_layers, layout.num_stages)
-    style = schedule_style(layout.schedule)
-    return [(s, layers[s]) for s in stage_indices(pp_rank, f.pp, layout.stages_per_rank, style)]
+        return ((0, range(cfg.num_layers)),)
+    return _stages(cfg.num_layers, f.pp, layout.stages_per_rank,
+                   schedule_style(layout.schedule), pp_rank)
 
 
-def rank_params(cfg: ModelConfig, layout: Layout, rank: int) -> list[ParamShard]:
+@lru_cache(maxsize=4096)
+def _stages(num_layers: int, pp: int, v: int, style: str, pp_rank: int) -> tuple:
+    layers = split_layers(num_layers, pp * v)
+    return tuple((s, layers[s]) for s in stage_indices(pp_rank, pp, v, style))
+
+
+def rank_params(cfg: ModelConfig, layout: Layout, rank: int) -> tuple[ParamShard, ...]:
     """Every parameter shard global ``rank`` holds, in module order per stage."""
     f = layout.fold
-    pp_rank = rank_coordinates(f, rank)["pp"]
+    return _rank_params(cfg, f, layout.schedule if f.pp > 1 else "1F1B",
+                        layout.stages_per_rank, rank_coordinates(f, rank)["pp"])
+
+
+@lru_cache(maxsize=4096)
+def _rank_params(cfg: ModelConfig, f: Fold, schedule: str, stages_per_rank: int,
+                 pp_rank: int) -> tuple[ParamShard, ...]:
+    layout = Layout(f, schedule=schedule, stages_per_rank=stages_per_rank)
     out: list[ParamShard] = []
     last = layout.num_stages - 1 if f.pp > 1 else 0
     v, h = cfg.vocab_size, cfg.hidden_size
@@ -141,9 +153,10 @@ def rank_params(cfg: ModelConfig, layout: Layout, rank: int) -> list[ParamShard]
             if not cfg.tie_embeddings:
                 out.append(ParamShard("lm_head.weight", stage, "root", (v // f.tp, h), False,
                                       False))
-    return out
+    return tuple(out)
 
 
+@lru_cache(maxsize=65536)
 def fsdp_index(fold: Fold, rank: int, expert: bool) -> tuple[int, int]:
     """(ranks, this rank's index) of the mesh FSDP2 shards a parameter over: edp for experts,
     dp·cp (cp fastest) for everything else."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .._fold import Fold, FoldError
 from ..models import ModelConfig
@@ -119,16 +120,22 @@ class Layout:
         return dataclasses.replace(self, **changes)
 
 
+@lru_cache(maxsize=65536)
+def _coordinates(fold: Fold, rank: int) -> tuple[tuple[str, int], ...]:
+    s = fold.stage_size
+    pp, r = divmod(rank, s)
+    out = [("pp", pp)]
+    for axes in (("tp", "cp", "dp"), ("etp", "ep", "edp")):
+        rest = r
+        for a in axes:
+            rest, c = divmod(rest, fold.size(a))
+            out.append((a, c))
+    return tuple(out)
+
+
 def rank_coordinates(fold: Fold, rank: int) -> dict[str, int]:
     """The coordinate of global ``rank`` on every axis of both views (tp fastest, then cp,
     dp; etp fastest, then ep, edp; pp outermost), as ``FoldedMesh.coordinate`` gives it."""
     if not 0 <= rank < fold.world_size:
         raise FoldError(f"rank {rank} is outside the fold's {fold.world_size} ranks")
-    s = fold.stage_size
-    pp, r = divmod(rank, s)
-    out = {"pp": pp}
-    for axes in (("tp", "cp", "dp"), ("etp", "ep", "edp")):
-        rest = r
-        for a in axes:
-            rest, out[a] = divmod(rest, fold.size(a))
-    return out
+    return dict(_coordinates(fold, rank))

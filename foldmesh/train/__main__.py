@@ -1,5 +1,9 @@
 """``torchrun --nproc-per-node N -m foldmesh.train --config FILE.toml [--section.field value]``
 
+``python -m foldmesh.train --config FILE.toml --plan [GPUS] [--plan-gpu h100]`` prints the
+planner's estimate for the run (``foldmesh.plan``) on GPUS GPUs (default: ``WORLD_SIZE``)
+and exits without training.
+
 Every rank parses and checks the whole configuration (and opens the data; rank 0 first
 tokenizes a ``data.source = "corpus"``) before any process group exists, so a bad setting or
 file fails fast with a message naming it; rank 0 prints the resolved configuration.
@@ -16,7 +20,64 @@ from ._corpus import DOCUMENT_SOURCES, prepare_corpus, token_dir
 from .data import build_data
 
 
+def _plan_flags(argv: list[str]) -> tuple[list[str], int | None, str] | None:
+    """Remove ``--plan [GPUS]`` and ``--plan-gpu NAME`` from argv; None without --plan."""
+    if "--plan" not in argv:
+        return None
+    argv = list(argv)
+    i = argv.index("--plan")
+    del argv[i]
+    gpus = None
+    if i < len(argv) and argv[i].isdigit():
+        gpus = int(argv.pop(i))
+    gpu = "h100"
+    if "--plan-gpu" in argv:
+        j = argv.index("--plan-gpu")
+        if j + 1 >= len(argv):
+            raise ConfigError("--plan-gpu needs a GPU preset name or a .toml file")
+        gpu = argv[j + 1]
+        del argv[j:j + 2]
+    return argv, gpus, gpu
+
+
+def plan(argv: list[str], gpus: int | None, gpu: str) -> int:
+    """The planner's estimate for this config; 0 when it fits, 1 when it does not."""
+    from .._fold import FoldError
+    from ..plan import estimate, from_train_config, hardware, valid
+    from ..plan._report import table
+
+    try:
+        cfg = load_config(argv)
+        gpus = gpus or int(os.environ.get("WORLD_SIZE", "0"))
+        if gpus <= 0:
+            raise ConfigError("--plan needs the number of GPUs: --plan 128 (or set "
+                              "WORLD_SIZE)")
+        # the data is not read: a config for a cluster can be planned anywhere
+        workload, layout = from_train_config(cfg, gpus, "cuda")
+        why = valid(workload, layout)
+        if why:
+            raise FoldError(why)
+        e = estimate(workload, layout, hardware(gpu))
+    except (ConfigError, FoldError) as err:
+        print(f"foldmesh.train --plan: {err}", file=sys.stderr)
+        return 2
+    print(table([e], 1))
+    if not e.fits:
+        print(f"\ndoes not fit: {e.limit} is the largest term; see python -m foldmesh.plan "
+              f"--model {cfg.model.hf_path or cfg.model.preset} --gpus {gpus} for layouts "
+              "that do")
+    return 0 if e.fits else 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        flags = _plan_flags(argv)
+    except ConfigError as e:
+        print(f"foldmesh.train: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    if flags is not None:
+        return plan(*flags)
     try:
         cfg = load_config(argv)
         validate_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))

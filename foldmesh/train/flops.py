@@ -31,9 +31,11 @@ def active_matmul_params(cfg: ModelConfig) -> int:
     return total  # tied: the one matrix is used as the output projection
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
+    """Training FLOPs per token (module docstring). ``causal=False`` counts the attention
+    matrix in full, as Megatron-Core's formula (and so MoE Parallel Folding's MFU) does."""
     attention = 6 * cfg.num_layers * seq_len * cfg.num_heads * cfg.resolved_head_dim
-    return 6 * active_matmul_params(cfg) + attention
+    return 6 * active_matmul_params(cfg) + attention * (1 if causal else 2)
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -11,7 +11,7 @@ all-to-all sizes are known without the routing decisions.
 
 from __future__ import annotations
 
-import math
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -155,17 +155,24 @@ def test_dispatch_volume_is_figure_2s_minimum():
 
     cfg = preset("mixtral-8x22b")
     work = Workload(cfg, global_batch=256, seq_len=4096)
-    for fold in (Fold(tp=2, ep=8, pp=8), Fold(tp=2, ep=4, etp=2, pp=8)):
+    for fold in (Fold(tp=2, ep=8, pp=8), Fold(tp=2, ep=4, etp=2, pp=8),
+                 Fold(tp=4, cp=2, ep=8, etp=2, pp=2)):
         layout = Layout(fold.resolve(128))
-        f = layout.fold
-        per_layer = [c for c in step_collectives(work, layout, 0)
-                     if c.what.startswith("layer 0 ") and c.kind == "all_to_all"
-                     and c.direction == "forward"]
-        tokens = 4096 // f.tp
-        copies = tokens * cfg.topk
-        ep_bytes = sum(c.total for c in per_layer if c.group == "ep") / layout.microbatches(work)
-        assert ep_bytes == pytest.approx(2 * copies * (f.ep - 1) / f.ep * 6144 * 2)
-        etp_bytes = sum(c.total for c in per_layer if c.group == "etp")
-        assert etp_bytes / layout.microbatches(work) == pytest.approx(
-            2 * (f.etp - 1) * copies * 6144 * 2)
-        assert math.isfinite(ep_bytes)
+        f, n = layout.fold, layout.microbatches(work)
+        layers = 7  # the first stage's layers (56 + 2 over 8 stages, less the embedding)
+        if f.pp == 2:
+            layers = 28
+        forward = [c for c in step_collectives(work, layout, 0)
+                   if c.kind == "all_to_all" and c.direction == "forward"]
+        copies = 4096 // (f.cp * f.tp) * cfg.topk  # T·k rows of one micro-batch
+        per_layer = {g: sum(c.total for c in forward if c.group == g) / (n * layers)
+                     for g in ("ep", "etp")}
+        # dispatch + combine, bf16 rows of H = 6144
+        assert per_layer["ep"] == pytest.approx(2 * copies * (f.ep - 1) / f.ep * 6144 * 2)
+        assert per_layer["etp"] == pytest.approx(2 * (f.etp - 1) * copies * 6144 * 2)
+        # with pad_to_capacity at capacity factor 1, exactly the same rows cross
+        padded = Workload(replace(cfg, capacity_factor=1.0, pad_to_capacity=True), 256, 4096,
+                          pad_to_capacity=True)
+        assert [c.total for c in step_collectives(padded, layout, 0)
+                if c.kind == "all_to_all"] == [c.total for c in step_collectives(
+                    work, layout, 0) if c.kind == "all_to_all"]

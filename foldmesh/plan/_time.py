@@ -1,0 +1,203 @@
+"""Step time: compute from FLOPs and bytes, collectives from an alpha-beta model of the links
+the rank order puts them on, the pipeline bubble of each schedule.
+
+**Which groups cross nodes.** Ranks are numbered tp fastest, then cp, dp (attention) and
+etp, ep, edp (MoE), pp outermost, with ``gpus_per_node`` consecutive ranks per node. An
+axis with stride s and size n (tp: s = 1; cp: tp; dp: tp·cp; etp: 1; ep: etp; edp: etp·ep;
+pp: the stage size; flattened names multiply) puts min(n, ceil(gpn/s)) of its ranks on a
+node when s < gpn and one per node otherwise.
+
+**Alpha-beta per collective** (bytes X in CollectiveCounter's convention, n ranks, q of
+them per node, bw the link's bandwidth times ``link_efficiency``, NVLink within a node and
+the GPU's NIC across nodes, whichever the group spans):
+
+* all-gather ``(n-1)·alpha + (n-1)·X / bw``; reduce-scatter ``(n-1)·alpha + (n-1)/n·X / bw``;
+  all-reduce twice a reduce-scatter (ring);
+* all-to-all: the rows for ranks on the same node go over NVLink and the others through the
+  NIC at the same time: ``alpha·n + max((q-1)/(n-1)·X / bw_nvlink, (n-q)/(n-1)·X / bw_net)``;
+* send/recv ``alpha + X / bw``.
+
+**Overlap** (what foldmesh does): TP/SP, CP, EP and ETP collectives run on the compute
+stream between the kernels that need them and are fully exposed. FSDP2 prefetches the next
+group's all-gather and overlaps reduce-scatters with the backward of earlier layers: with
+pp = 1 only what exceeds the compute time, and at least one group's gather and one
+reduce-scatter, is exposed; with pp > 1 the stage's gathers happen once at the start of the
+step and its reduce-scatters once after its last backward, both exposed (the schedule does
+not overlap them). Replication's all-reduce runs after backward, exposed. A pipeline's
+send/recv is exposed once per micro-batch and boundary.
+
+**Compute.** Matmul FLOPs of the rank (its stages' layers, its tokens, its heads and FFN
+shards) at ``matmul_efficiency`` of peak, each GEMM slowed by its shape (a dimension d runs
+at d / (d + ``gemm_half_size``) of a large GEMM's rate: small expert GEMMs of fine-grained
+MoEs are slower per FLOP), plus the memory-bound kernels (norms, RoPE,
+residual adds, router, permute/unpermute, SwiGLU activations, the loss) at
+``memory_efficiency`` of HBM bandwidth; backward costs twice the forward, activation
+checkpointing adds one forward.
+
+**Bubble** (micro-batch time t through all of a rank's stages, n micro-batches, v stages per
+rank): GPipe and 1F1B ``(pp-1)·t``; Interleaved1F1B and LoopedBFS ``(pp-1)/v·t``
+(Narayanan et al., 2021); zero-bubble schedules split backward into input and weight
+passes and fill all but about a third of that: ``(pp-1)/(3v)·t`` (Qi et al., 2024).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .._fold import Fold
+from .._mesh import FLATTENED
+from ..models import ModelConfig
+from ._comm import Collective, group_size
+from ._hardware import Hardware
+from ._workload import Layout, Workload
+
+STRIDE_OF = {"tp": lambda f: 1, "cp": lambda f: f.tp, "dp": lambda f: f.tp * f.cp,
+             "etp": lambda f: 1, "ep": lambda f: f.etp, "edp": lambda f: f.etp * f.ep,
+             "pp": lambda f: f.stage_size}
+ZERO_BUBBLE = ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
+INTERLEAVED = ("Interleaved1F1B", "LoopedBFS")
+
+
+@lru_cache(maxsize=65536)
+def span(fold: Fold, name: str, gpus_per_node: int) -> tuple[int, int]:
+    """(ranks per node, nodes) of a group of the fold name ``name``."""
+    n = group_size(fold, name)
+    if name == "world":
+        stride = 1
+    elif name in FLATTENED:
+        stride = STRIDE_OF[FLATTENED[name][1][-1]](fold)  # the fastest axis of the group
+        # a flattened group is contiguous in stride steps only when its inner axes are
+        # complete, which they are: dp_cp = (dp, cp) with cp inside dp, etc.
+    else:
+        stride = STRIDE_OF[name](fold)
+    if stride >= gpus_per_node:
+        return 1, n
+    per_node = min(n, max(1, gpus_per_node // stride))
+    return per_node, -(-n // per_node)
+
+
+def crosses_nodes(fold: Fold, name: str, gpus_per_node: int) -> bool:
+    return span(fold, name, gpus_per_node)[1] > 1
+
+
+@lru_cache(maxsize=65536)
+def link(fold: Fold, name: str, hw: Hardware) -> tuple[int, int, float, float, float, float]:
+    """(ranks, ranks per node, alpha, bandwidth, NVLink and network bandwidth) of a group."""
+    n = group_size(fold, name)
+    q, nodes = span(fold, name, hw.gpus_per_node)
+    nv = hw.nvlink_bandwidth * hw.link_efficiency
+    net = hw.network_bandwidth * hw.link_efficiency
+    inter = nodes > 1
+    return (n, q if inter else n, hw.network_latency if inter else hw.nvlink_latency,
+            net if inter else nv, nv, net)
+
+
+def collective_time(c: Collective, fold: Fold, hw: Hardware, links: dict | None = None
+                    ) -> float:
+    """Seconds of ``c.count`` calls of one collective (see the module docstring); ``links``
+    caches ``link`` per group for a caller timing many collectives of one fold."""
+    lk = links.get(c.group) if links is not None else None
+    if lk is None:
+        lk = link(fold, c.group, hw)
+        if links is not None:
+            links[c.group] = lk
+    n, q, alpha, bw, nv, net = lk
+    x = c.bytes
+    if c.kind == "all_gather":
+        t = (n - 1) * alpha + (n - 1) * x / bw
+    elif c.kind == "reduce_scatter":
+        t = (n - 1) * alpha + (n - 1) / n * x / bw
+    elif c.kind == "all_reduce":
+        t = 2 * (n - 1) * alpha + 2 * (n - 1) / n * x / bw
+    elif c.kind == "all_to_all":
+        local = (q - 1) / (n - 1) * x / nv
+        remote = (n - q) / (n - 1) * x / net
+        t = n * alpha + max(local, remote)
+    else:  # send / recv
+        t = alpha + x / bw
+    return t * c.count
+
+
+@dataclass(frozen=True)
+class Work:
+    """One micro-batch's forward on one rank: matmul FLOPs, the same FLOPs weighted by each
+    GEMM's shape efficiency, and memory-bound bytes."""
+
+    flops: float
+    weighted: float
+    bytes: float
+
+
+def _gemm(m: float, n: float, k: float, half: float) -> tuple[float, float]:
+    """(FLOPs, FLOPs / shape efficiency) of an [m, k] x [k, n] GEMM: a dimension d reaches
+    d / (d + half) of a large GEMM's rate (tile quantisation, too little work per tile)."""
+    flops = 2 * m * n * k
+    eff = 1.0
+    for d in (m, n, k):
+        eff *= d / (d + half)
+    return flops, flops / eff if eff > 0 else 0.0
+
+
+def layer_work(cfg: ModelConfig, fold: Fold, workload: Workload, micro_batch: int,
+               layer: int, half: float = 0.0) -> Work:
+    """Forward work of one layer on one rank for one micro-batch (see the module docs);
+    ``half`` is the hardware's ``gemm_half_size``."""
+    s, h, e = workload.seq_len, cfg.hidden_size, workload.act_bytes
+    d, hq, hkv = cfg.resolved_head_dim, cfg.num_heads, cfg.num_kv_heads
+    seq = micro_batch * s / fold.cp  # tokens of the rank's cp block
+    t = seq / fold.tp  # the rank's own tokens
+    gemms = [_gemm(seq, (hq + 2 * hkv) * d / fold.tp, h, half),  # q, k, v
+             _gemm(seq, h, hq * d / fold.tp, half)]  # o
+    core = 2 * micro_batch * s * s * d * hq / (fold.cp * fold.tp)  # causal QK^T and AV
+    # norms, RoPE, residual adds, attention's softmax traffic: element reads and writes
+    elements = 10 * t * h + 4 * seq * (hq + hkv) * d / fold.tp
+    if cfg.is_moe(layer):
+        k, f = cfg.topk, cfg.expert_ffn_size
+        gemms.append(_gemm(t, cfg.num_experts, h, half))  # router
+        # each rank runs its El experts on the rows of its etp group: etp * T * k rows in
+        # balance, each expert's FFN split over etp
+        local = cfg.num_experts // fold.ep
+        rows = fold.etp * t * k / local
+        for _ in range(local):
+            gemms += [_gemm(rows, f / fold.etp, h, half)] * 2 + [_gemm(rows, h, f / fold.etp,
+                                                                      half)]
+        if cfg.shared_ffn_size:
+            gemms += [_gemm(seq, cfg.shared_ffn_size / fold.tp, h, half)] * 2
+            gemms += [_gemm(seq, h, cfg.shared_ffn_size / fold.tp, half)]
+            elements += 4 * seq * cfg.shared_ffn_size / fold.tp
+        # permute + unpermute of k copies, SwiGLU on [rows, F/etp] x etp, router scores
+        elements += 4 * t * k * h + 3 * t * k * f + 4 * t * cfg.num_experts
+    else:
+        gemms += [_gemm(seq, cfg.ffn_size / fold.tp, h, half)] * 2
+        gemms += [_gemm(seq, h, cfg.ffn_size / fold.tp, half)]
+        elements += 3 * seq * cfg.ffn_size / fold.tp
+    flops = sum(g[0] for g in gemms) + core
+    return Work(flops, sum(g[1] for g in gemms) + core, elements * e)
+
+
+def head_work(cfg: ModelConfig, fold: Fold, workload: Workload, micro_batch: int,
+              half: float = 0.0) -> Work:
+    seq = micro_batch * workload.seq_len / fold.cp
+    v = cfg.vocab_size / fold.tp
+    # logits matmul; the loss reads the fp32 logits a few times (max, exp-sum, pick)
+    flops, weighted = _gemm(seq, v, cfg.hidden_size, half)
+    return Work(flops, weighted, 4 * seq * v * 4)
+
+
+def compute_seconds(work: Work, hw: Hardware, passes: float) -> float:
+    """``passes`` forward-equivalents (3: forward + backward; 4 with recomputation)."""
+    return passes * (work.weighted / (hw.peak_flops * hw.matmul_efficiency)
+                     + work.bytes / (hw.hbm_bandwidth * hw.memory_efficiency))
+
+
+def bubble_slots(layout: Layout) -> float:
+    """Idle micro-batch times of the pipeline per step (see the module docstring)."""
+    pp, v = layout.fold.pp, layout.stages_per_rank
+    if pp == 1:
+        return 0.0
+    if layout.schedule in ZERO_BUBBLE:
+        return (pp - 1) / (3 * v)
+    if layout.schedule in INTERLEAVED:
+        return (pp - 1) / v
+    return float(pp - 1)

@@ -1,0 +1,78 @@
+"""python -m foldmesh.plan and python -m foldmesh.train --plan: outputs and refusals."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from foldmesh.plan.__main__ import main
+
+ROOT = Path(__file__).parents[2]
+SMALL = ["--model", "debug-mixtral", "--gpus", "8", "--global-batch", "16", "--seq-len", "64"]
+
+
+def test_table_json_and_plot(tmp_path, capsys):
+    out_json, out_png = tmp_path / "plan.json", tmp_path / "plan.png"
+    assert main([*SMALL, "--top", "5", "--json", str(out_json), "--plot", str(out_png)]) == 0
+    text = capsys.readouterr().out
+    assert "attention | MoE" in text and "MFU" in text
+    rows = [line for line in text.splitlines() if line[:2].strip().isdigit()]
+    assert len(rows) == 5
+    data = json.loads(out_json.read_text())
+    assert len(data) >= 5
+    for d in data:
+        assert set(d["fold"]) == {"tp", "cp", "dp", "pp", "etp", "ep", "edp"}
+        f = d["fold"]
+        assert f["tp"] * f["cp"] * f["dp"] == f["etp"] * f["ep"] * f["edp"]
+        assert f["tp"] * f["cp"] * f["dp"] * f["pp"] == 8
+        assert {"fits", "memory_gib", "step_time_s", "tokens_per_s_per_gpu", "mfu"} <= set(d)
+    fitting = [d for d in data if d["fits"]]
+    assert fitting and all(0 < d["mfu"] < 1 for d in fitting)
+    times = [d["step_time_s"] for d in fitting]
+    assert times == sorted(times)  # ranked, fastest first
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_one_fold(capsys, tmp_path):
+    out = tmp_path / "one.json"
+    assert main([*SMALL, "--fold", "tp=2,ep=4,mbs=2,ac=full", "--json", str(out)]) == 0
+    (d,) = json.loads(out.read_text())
+    assert d["fold"] == {"tp": 2, "cp": 1, "dp": 4, "pp": 1, "etp": 1, "ep": 4, "edp": 2}
+    assert d["mbs"] == 2 and d["activation_checkpoint"] == "full"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "nope", "--gpus", "8"], "--model 'nope' is not a model preset"),
+    ([*SMALL, "--gpu", "tpu9"], "--gpu 'tpu9' is not a GPU preset"),
+    ([*SMALL, "--fold", "tp2"], "cannot parse 'tp2'"),
+    ([*SMALL, "--fold", "tp=x"], "tp='x' is not an integer"),
+    ([*SMALL, "--fold", "tp=3"], "does not fit --gpus 8"),
+    ([*SMALL, "--fold", "tp=2,ep=3"], "does not fit --gpus 8"),
+    ([*SMALL, "--fold", "ep=16,tp=1,pp=1,edp=1,dp=8"], "does not fit --gpus 8"),
+    ([*SMALL, "--set", "peak_flops=abc"], "must be a number"),
+    ([*SMALL, "--set", "warp_speed=1"], "unknown hardware settings"),
+    (["--model", "mixtral-8x22b", "--gpus", "8", "--gpu", "a100"], "no layout fits"),
+])
+def test_bad_requests_name_the_setting(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_nothing_fits_names_the_term_and_a_gpu_count(capsys):
+    assert main(["--model", "mixtral-8x22b", "--gpus", "8", "--gpu", "a100", "--mbs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "most of it" in err and "GPUs would fit" in err
+
+
+def test_train_plan_prints_the_configs_estimate():
+    run = subprocess.run(
+        [sys.executable, "-m", "foldmesh.train", "--config", "configs/demo.toml", "--plan",
+         "8", "--plan-gpu", "a100"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "tp2 cp2 dp2 pp1 | etp2 ep4 edp1" in run.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "foldmesh.train", "--config", "configs/demo.toml", "--plan",
+         "6"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "world size 6" in bad.stderr

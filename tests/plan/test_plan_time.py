@@ -1,0 +1,69 @@
+"""The time model's pieces that can be checked without a GPU: which groups cross nodes, the
+alpha-beta terms, the bubble of each schedule."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from foldmesh import Fold
+from foldmesh._mesh import FLATTENED
+from foldmesh.plan import Collective, rank_coordinates
+from foldmesh.plan._hardware import HARDWARE
+from foldmesh.plan._time import bubble_slots, collective_time, span
+from foldmesh.plan._workload import Layout
+from foldmesh.testing import all_folds
+
+FOLDS = [f for w in (16, 32, 64) for f in all_folds(w, pp=(1, 2, 4))]
+
+
+def group_of(fold: Fold, name: str, rank: int) -> list[int]:
+    """The ranks sharing ``rank``'s group of ``name``, from the coordinates alone: those
+    equal on every axis of its view outside the group's axes (and on pp)."""
+    if name == "world":
+        return list(range(fold.world_size))
+    view, axes = FLATTENED.get(name, (None, (name,)))
+    others = [a for a in (("tp", "cp", "dp") if axes[0] in ("tp", "cp", "dp")
+                          else ("etp", "ep", "edp")) if a not in axes]
+    if axes == ("pp",):
+        others = ["tp", "cp", "dp"]
+    mine = rank_coordinates(fold, rank)
+    keep = others + ([] if axes == ("pp",) else ["pp"])
+    return [r for r in range(fold.world_size)
+            if all(rank_coordinates(fold, r)[a] == mine[a] for a in keep)]
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(fold=st.sampled_from(FOLDS), gpn=st.sampled_from([2, 4, 8]),
+       name=st.sampled_from(["tp", "cp", "dp", "ep", "etp", "edp", "pp", "dp_cp", "cp_tp",
+                             "dp_cp_tp", "ep_etp", "world"]), data=st.data())
+def test_span_counts_the_nodes_of_the_real_rank_set(fold, gpn, name, data):
+    rank = data.draw(st.integers(0, fold.world_size - 1))
+    ranks = group_of(fold, name, rank)
+    nodes = {r // gpn for r in ranks}
+    per_node = max(sum(1 for r in ranks if r // gpn == n) for n in nodes)
+    assert span(fold, name, gpn) == (per_node, len(nodes)), (fold, name, ranks)
+
+
+def test_alpha_beta_terms():
+    hw = HARDWARE["h100"]
+    fold = Fold(tp=8, ep=8, edp=2).resolve(16)
+    inside = collective_time(Collective("all_gather", "tp", "forward", 1e8, 1, "", ""), fold, hw)
+    bw = hw.nvlink_bandwidth * hw.link_efficiency
+    assert inside == 7 * hw.nvlink_latency + 7 * 1e8 / bw
+    # dp = 2 spans two nodes: one step through the NIC
+    across = collective_time(Collective("reduce_scatter", "dp", "backward", 2e8, 3, "", ""),
+                             fold, hw)
+    assert across == 3 * (hw.network_latency + 0.5 * 2e8 / (hw.network_bandwidth
+                                                            * hw.link_efficiency))
+    # an all-to-all over 16 ranks on 2 nodes: 7 of 15 peers by NVLink, 8 through the NIC
+    big = Fold(tp=1, ep=16).resolve(16)
+    t = collective_time(Collective("all_to_all", "ep", "forward", 1.5e9, 1, "", ""), big, hw)
+    net = 8 / 15 * 1.5e9 / (hw.network_bandwidth * hw.link_efficiency)
+    assert t == 16 * hw.network_latency + net
+
+
+def test_bubbles():
+    fold = Fold(pp=4, tp=2).resolve(16)
+    assert bubble_slots(Layout(fold, schedule="1F1B")) == 3
+    assert bubble_slots(Layout(fold, schedule="GPipe")) == 3
+    assert bubble_slots(Layout(fold, schedule="Interleaved1F1B", stages_per_rank=3)) == 1
+    assert bubble_slots(Layout(Fold(tp=2).resolve(2))) == 0
