@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json(estimates, args.json)
     if args.plot:
-        plot(estimates, args.plot)
+        name = args.model if args.model in PRESETS else Path(args.model).stem
+        plot(estimates, args.plot, title=name)
     return 0
 
 

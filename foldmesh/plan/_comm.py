@@ -259,15 +259,18 @@ def step_collectives(workload: Workload, layout: Layout, rank: int = 0, *,
         st.pair("reduce_scatter", group, ranks * tokens * h * stream, n, f"{label} combine",
                 ac)
 
-    for stage, layers in stages:
+    # every dense layer of the rank's stages issues the same collectives, so does every MoE one
+    held = [i for _, layers in stages for i in layers]
+    for moe_layer in (False, True):
+        same = [i for i in held if cfg.is_moe(i) == moe_layer]
+        if same:
+            st.layers = len(same)
+            block(same[0], f"{len(same)} {'MoE' if moe_layer else 'dense'} layers"
+                  if len(same) > 1 else None)
+            st.layers = 1
+    for stage, _ in stages:
         if stage == 0:
             st.pair("reduce_scatter", "tp", f.tp * tokens * h * stream, n, "embedding out")
-        for moe_layer in (False, True):  # a stage's dense layers issue the same, so do its MoE
-            same = [i for i in layers if cfg.is_moe(i) == moe_layer]
-            if same:
-                st.layers = len(same)
-                block(same[0], f"layers {same[0]}-{same[-1]}" if len(same) > 1 else None)
-                st.layers = 1
         if stage == last:
             st.pair("all_gather", "tp", tokens * h * stream, n, "head in")
             st.add("all_reduce", "tp", "forward", seq_block * FP32, n, "loss max")

@@ -68,8 +68,9 @@ def write_json(estimates: list[Estimate], path: str | Path) -> None:
     Path(path).write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
 
 
-def plot(estimates: list[Estimate], path: str | Path, top: int = 15) -> None:
-    """Predicted MFU per layout (left) and its step time split by part (right)."""
+def plot(estimates: list[Estimate], path: str | Path, top: int = 15, title: str = "") -> None:
+    """Predicted MFU per layout (left) and its step time split by part (right); ``title``
+    names the model (default: its layer count)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,7 +81,7 @@ def plot(estimates: list[Estimate], path: str | Path, top: int = 15) -> None:
         raise ValueError("no layout fits: nothing to plot")
     labels = [f"{_fold_text(e)}  mbs{e.layout.micro_batch} {e.layout.activation_checkpoint} "
               f"{e.layout.data_parallel}" for e in fit]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 0.45 * len(fit) + 2), sharey=True)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 0.45 * len(fit) + 2), sharey=True)
     y = range(len(fit))
     ax1.barh(y, [100 * e.mfu for e in fit], color="tab:blue")
     ax1.set_yticks(list(y), labels, fontsize=8)
@@ -93,11 +94,11 @@ def plot(estimates: list[Estimate], path: str | Path, top: int = 15) -> None:
             ax2.barh(y, vals, left=left, label=part)
             left = [a + b for a, b in zip(left, vals, strict=True)]
     ax2.set_xlabel("predicted step time (s)")
-    ax2.legend(fontsize=8, loc="lower right")
+    ax2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     e0 = fit[0]
-    fig.suptitle(f"{e0.workload.model.num_layers}-layer model on {e0.layout.fold.world_size} "
-                 f"x {e0.hardware.name}, batch {e0.workload.global_batch} x "
-                 f"{e0.workload.seq_len}")
+    name = title or f"{e0.workload.model.num_layers}-layer model"
+    fig.suptitle(f"{name} on {e0.layout.fold.world_size} x {e0.hardware.name}, batch "
+                 f"{e0.workload.global_batch} x {e0.workload.seq_len}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

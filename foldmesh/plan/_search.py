@@ -9,7 +9,11 @@ splits over dp and the micro-batch; the schedule's micro-batch rule holds (the c
 
 from __future__ import annotations
 
+import dataclasses
+import multiprocessing
+import os
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 
 from .._fold import Fold, FoldError
 from ..pipeline._schedules import SCHEDULES, check_pipeline
@@ -91,21 +95,44 @@ def _variants(workload, fold, micro_batches, acs, dps, max_vpp) -> Iterator[Layo
                         yield layout
 
 
-def search(workload: Workload, gpus: int, hw: Hardware, **options) -> list[Estimate]:
+def search(workload: Workload, gpus: int, hw: Hardware, *, workers: int | None = None,
+           **options) -> list[Estimate]:
     """Every runnable layout's estimate, fitting ones first, fastest first.
 
     Activation checkpointing only saves memory and costs a forward: a checkpointed layout is
-    evaluated only when the same layout without it does not fit."""
-    out, fitting = [], set()
+    evaluated only when the same layout without it does not fit. ``workers`` processes
+    (default: one per CPU) share the folds; ``options`` go to ``layouts``."""
+    by_fold: dict[Fold, list[Layout]] = {}
     for layout in layouts(workload, gpus, hw, **options):
+        by_fold.setdefault(layout.fold, []).append(layout)
+    chunks = list(by_fold.values())
+    workers = min(workers or os.cpu_count() or 1, len(chunks))
+    if workers > 1:
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            parts = list(pool.map(_evaluate, [(workload, hw, c) for c in chunks],
+                                  chunksize=max(1, len(chunks) // (8 * workers))))
+    else:
+        parts = [_evaluate((workload, hw, c)) for c in chunks]
+    out = [e for part in parts for e in part]
+    out.sort(key=lambda e: (not e.fits, e.step_time))
+    return out
+
+
+def _evaluate(job: tuple[Workload, Hardware, list[Layout]]) -> list[Estimate]:
+    """The estimates of one fold's layouts (see ``search``), without their collective lists
+    (they stay in the worker: ``estimate`` gives them for any one layout)."""
+    workload, hw, chunk = job
+    out, fitting = [], set()
+    for layout in chunk:
         if layout.activation_checkpoint != "none" and \
                 layout.replace(activation_checkpoint="none") in fitting:
             continue
         e = static_estimate(workload, layout, hw) or estimate(workload, layout, hw)
         if e.fits and layout.activation_checkpoint == "none":
             fitting.add(layout)
-        out.append(e)
-    out.sort(key=lambda e: (not e.fits, e.step_time))
+        out.append(dataclasses.replace(e, collectives=[]))
     return out
 
 

@@ -230,7 +230,7 @@ def test_in_a_process_with_a_process_group_it_runs_in_a_subprocess():
 
 
 # Mixtral-8x22B on 1,024 ranks: attention tp2 dp64 | MoE ep8 edp16, 8 stages of 7 layers
-# (the last holds 6 and the head). About 2 s per rank on 2 cores.
+# (the last holds 6 and the head). Its wall time is measured by scripts/bench_plan.py.
 MIXTRAL = dict(tp=2, ep=8, pp=8, etp=1)
 
 
@@ -238,7 +238,6 @@ MIXTRAL = dict(tp=2, ep=8, pp=8, etp=1)
 def test_mixtral_8x22b_on_1024_ranks(rank, stage, layers):
     model = preset("mixtral-8x22b")
     r = run(MIXTRAL, rank=rank, world=1024, model=model, seq=4096, global_batch=1024, b=1)
-    assert r.seconds < 180
     assert r.fold.dp == 64 and r.fold.edp == 16
     assert r.stages == (stage,)
     moe = sorted({p.name.split(".")[1] for p in r.params if ".experts." in p.name}, key=int)

@@ -76,3 +76,22 @@ def test_train_plan_prints_the_configs_estimate():
         [sys.executable, "-m", "foldmesh.train", "--config", "configs/demo.toml", "--plan",
          "6"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "world size 6" in bad.stderr
+
+
+def test_models_from_a_trainer_config_and_hardware_from_toml(tmp_path, capsys):
+    gpu = tmp_path / "slow_net.toml"
+    gpu.write_text('preset = "h100"\nname = "H100, 100G network"\nnetwork_bandwidth = 12.5e9\n')
+    out = tmp_path / "plan.json"
+    argv = ["--model", str(ROOT / "configs" / "demo.toml"), "--gpus", "16", "--gpu", str(gpu),
+            "--gpus-per-node", "4", "--global-batch", "16", "--seq-len", "128", "--mbs", "1",
+            "--fold", "tp=2,cp=2,ep=4,etp=2", "--json", str(out)]
+    assert main(argv) == 0
+    (slow,) = json.loads(out.read_text())
+    assert slow["fold"]["dp"] == 4 and slow["cross_node"]  # dp leaves the 4-GPU nodes
+    assert main([*argv[:4], "--gpus-per-node", "4", *argv[8:]]) == 0  # the stock H100
+    (fast,) = json.loads(out.read_text())
+    assert slow["step_time_s"] > fast["step_time_s"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text('preset = "h100"\nwarp = 9\n')
+    assert main([*argv[:4], "--gpu", str(bad), *argv[6:]]) == 2
+    assert "unknown hardware settings ['warp']" in capsys.readouterr().err
