@@ -24,6 +24,7 @@ Every rank of a group must call forward the same number of times (these are coll
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -178,6 +179,13 @@ class RouterOutput(NamedTuple):
     indices: torch.Tensor
     scores: torch.Tensor
     counts: torch.Tensor
+
+
+def _no_autocast(device_type: str):
+    """Autocast off for ``device_type`` (a no-op where autocast does not exist: meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class Reductions:
@@ -363,7 +371,10 @@ class Router(nn.Module):
             )
         dt = cfg.dtype
         red = reductions if reductions is not None else self.reductions
-        logits = x.to(dt) @ red.shared_weight(self.weight).to(dt).t()  # [N, E]
+        # autocast (the trainer's bf16 replication) would run this matmul in bf16 whatever
+        # the casts say: the router's precision is its own setting, so autocast is off here
+        with _no_autocast(x.device.type):
+            logits = x.to(dt) @ red.shared_weight(self.weight).to(dt).t()  # [N, E]
         weights, indices, scores = route(logits, cfg, self.expert_bias)
         counts = expert_counts(indices, cfg.num_experts)  # [E]
         self.last_counts = counts

@@ -412,6 +412,18 @@ def test_fp64_router_dtype_outputs_fp32():
     torch.testing.assert_close(outs[0].probs, outs[1].probs)
 
 
+def test_router_dtype_holds_under_autocast():
+    """bf16 autocast (the trainer's replication on GPU; CPU has the same) leaves the router's
+    logits in its own dtype: the same scores as without autocast, not bf16-rounded ones."""
+    x = torch.randn(64, H)
+    router = make(RouterConfig(H, 8, 2), 6)
+    want = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = router(x)
+    torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=0)
+    assert torch.equal(got.indices, want.indices)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"topk": 9}, r"topk=9 > num_experts=8: lower topk"),
     ({"num_groups": 3, "topk_groups": 1}, r"num_groups=3 must divide num_experts=8"),
