@@ -89,7 +89,7 @@ def parse_fold(text: str, gpus: int, workload: Workload, batch: bool = True) -> 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m foldmesh.plan",
-                                description=__doc__.split("\n\n")[0],
+                                description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="preset, HF directory/config.json, or TOML")
     p.add_argument("--gpus", type=int, required=True, help="GPUs (ranks) in the job")
@@ -147,7 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.fold:
             estimates = [estimate(workload, parse_fold(args.fold, args.gpus, workload), hw)]
         else:
-            mbs = tuple(int(x) for x in args.mbs.split(","))
+            try:
+                mbs = tuple(int(x) for x in args.mbs.split(","))
+            except ValueError:
+                raise FoldError(f"--mbs {args.mbs!r}: give micro-batch sizes as integers "
+                                "separated by commas, e.g. 1,2") from None
+            if min(mbs) < 1:
+                raise FoldError(f"--mbs {args.mbs!r}: micro-batch sizes must be >= 1")
             estimates = search(workload, args.gpus, hw, micro_batches=mbs)
             if not any(e.fits for e in estimates):
                 raise FoldError(nothing_fits(workload, args.gpus, hw, estimates))

@@ -21,10 +21,13 @@ the GPU's NIC across nodes, whichever the group spans):
 stream between the kernels that need them and are fully exposed. FSDP2 prefetches the next
 group's all-gather and overlaps reduce-scatters with the backward of earlier layers: with
 pp = 1 only what exceeds the compute time, and at least one group's gather and one
-reduce-scatter, is exposed; with pp > 1 the stage's gathers happen once at the start of the
-step and its reduce-scatters once after its last backward, both exposed (the schedule does
-not overlap them). Replication's all-reduce runs after backward, exposed. A pipeline's
-send/recv is exposed once per micro-batch and boundary.
+reduce-scatter, is exposed. With pp > 1 a stage gathers its weights once, during the first
+micro-batch's forward (what exceeds a third of that micro-batch's compute is exposed), and
+reduce-scatters once after its last backward, while the pipeline drains: what exceeds the
+bubble is exposed. Replication's all-reduce runs after backward, exposed. A pipeline's
+sends and receives are asynchronous and overlap the next micro-batch in steady state; the
+fill and the drain wait for one message per boundary each way, 2·(pp-1) messages a step
+(``foldmesh/plan/_estimate.py`` applies these rules).
 
 **Compute.** Matmul FLOPs of the rank (its stages' layers, its tokens, its heads and FFN
 shards) at ``matmul_efficiency`` of peak, each GEMM slowed by its shape (a dimension d runs

@@ -52,6 +52,10 @@ def test_one_fold(capsys, tmp_path):
     ([*SMALL, "--fold", "tp=2,ep=3"], "does not fit --gpus 8"),
     ([*SMALL, "--fold", "ep=16,tp=1,pp=1,edp=1,dp=8"], "does not fit --gpus 8"),
     ([*SMALL, "--set", "peak_flops=abc"], "must be a number"),
+    ([*SMALL, "--mbs", "1,x"], "--mbs '1,x'"),
+    ([*SMALL, "--global-batch", "0"], "global_batch must be a positive int"),
+    ([*SMALL, "--dry-run"], "--dry-run needs --fold"),
+    ([*SMALL, "--dry-run", "--fold", "tp=2,ep=4", "--rank", "8"], "rank 8"),
     ([*SMALL, "--set", "warp_speed=1"], "unknown hardware settings"),
     (["--model", "mixtral-8x22b", "--gpus", "8", "--gpu", "a100"], "no layout fits"),
 ])
