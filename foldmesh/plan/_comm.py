@@ -57,10 +57,9 @@ from .._mesh import FLATTENED
 from ..kernels import capacity_for
 from ..pipeline._schedules import schedule_style
 from ._params import ParamShard, fsdp_index, rank_params, stages_of
-from ._workload import DTYPE_BYTES, Layout, Workload, rank_coordinates
+from ._workload import Layout, Workload, rank_coordinates
 
 AXES = ("tp", "cp", "dp", "pp", "ep", "etp", "edp")
-KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "send", "recv")
 INT64, FP32, FP64 = 8, 4, 8
 
 
@@ -378,5 +377,5 @@ def counts_by(collectives: Iterable[Collective], fold: Fold) -> dict[tuple[str, 
     return dict(out)
 
 
-__all__ = ["DTYPE_BYTES", "Collective", "axis_label", "bytes_by", "counts_by", "group_size",
+__all__ = ["Collective", "axis_label", "bytes_by", "counts_by", "group_size",
            "step_collectives"]

@@ -31,7 +31,6 @@ from ._workload import Layout, Workload
 CATEGORY = {"tp": "tp", "cp": "cp", "cp_tp": "tp", "ep": "ep", "etp": "etp", "ep_etp": "ep",
             "dp_cp": "dp", "dp": "dp", "edp": "edp", "dp_cp_tp": "dp", "pp": "pp",
             "world": "dp"}
-EXPOSED_PER_MICROBATCH = ("tp", "cp", "ep", "etp")
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,8 @@ def _rank_time(workload: Workload, layout: Layout, hw: Hardware, rank: int,
                 fsdp_gather += t
             else:
                 fsdp_reduce += t
-            out[f"_{cat}"] += t
+            # gradient sync: its tp partial sums count with the dense gradients (dp)
+            out["_edp" if c.group == "edp" else "_dp"] += t
         else:
             out[cat] += t
     groups = max(1, sum(1 for c in colls if c.what.startswith("FSDP")
@@ -140,7 +140,7 @@ def _rank_time(workload: Workload, layout: Layout, hw: Hardware, rank: int,
         # reduce-scatters run after the stage's last backward, during the pipeline's drain
         exposed = max(0.0, fsdp_gather - out["compute"] / n / 3) + fsdp_reduce
         out["_drain"] = fsdp_reduce
-    for cat in ("dp", "edp"):
+    for cat in ("dp", "edp"):  # the exposed FSDP time, split as the collectives' times
         share = out.pop(f"_{cat}", 0.0)
         out[cat] += exposed * share / fsdp if fsdp else 0.0
     # send/recv are asynchronous: in steady state they overlap the next micro-batch; the
@@ -191,9 +191,11 @@ def estimate(workload: Workload, layout: Layout, hw: Hardware) -> Estimate:
     time["bubble"] = bubble_slots(layout) * per_mb[worst]
     drain = time.pop("_drain", 0.0)  # reduce-scatters hidden in the bubble of the drain
     hidden = min(drain, time["bubble"])
+    synced = sum(time.get(c, 0.0) for c in ("dp", "edp"))
+    hidden = min(hidden, synced)
     for cat in ("dp", "edp"):
-        if drain and time.get(cat):
-            time[cat] -= hidden * time[cat] / (time.get("dp", 0) + time.get("edp", 0))
+        if hidden and time.get(cat):
+            time[cat] -= hidden * time[cat] / synced
     params = memory.weights / 4
     time["optimizer"] = 28 * params / (hw.hbm_bandwidth * hw.memory_efficiency)
     step = sum(time.values())

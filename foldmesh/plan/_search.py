@@ -17,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from .._fold import Fold, FoldError
 from ..pipeline._schedules import SCHEDULES, check_pipeline
+from ..pipeline._split import split_layers
 from ._estimate import Estimate, estimate, static_estimate
 from ._hardware import GIB, Hardware
 from ._workload import Layout, Workload
@@ -33,15 +34,17 @@ def valid(workload: Workload, layout: Layout, batch: bool = True) -> str:
     for name, size in cfg.tp_split_sizes().items():
         if size % f.tp:
             return f"{name} = {size} is not divisible by tp = {f.tp}"
-    if cfg.num_experts % f.ep:
-        return f"num_experts = {cfg.num_experts} is not divisible by ep = {f.ep}"
-    if cfg.expert_ffn_size % f.etp:
-        return f"expert_ffn_size = {cfg.expert_ffn_size} is not divisible by etp = {f.etp}"
+    try:  # the checks foldmesh itself runs: experts over ep, FFN over etp, the split
+        if any(cfg.is_moe(i) for i in range(cfg.num_layers)):
+            f.check_experts(cfg.num_experts)
+            f.check_expert_ffn(cfg.expert_ffn_size)
+        if f.pp > 1:
+            split_layers(cfg.num_layers, layout.num_stages)
+    except FoldError as e:
+        return str(e)
     split = 2 * f.cp if f.cp > 1 else 1
     if workload.seq_len % split or (workload.seq_len // f.cp) % f.tp:
         return f"seq_len = {workload.seq_len} does not split over cp = {f.cp} and tp = {f.tp}"
-    if cfg.num_layers < layout.num_stages:
-        return f"{cfg.num_layers} layers cannot fill {layout.num_stages} pipeline stages"
     if f.pp > 1 and cfg.tie_embeddings:
         return "tied embeddings cannot be pipelined"
     if not batch:

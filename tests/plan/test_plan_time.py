@@ -67,3 +67,35 @@ def test_bubbles():
     assert bubble_slots(Layout(fold, schedule="GPipe")) == 3
     assert bubble_slots(Layout(fold, schedule="Interleaved1F1B", stages_per_rank=3)) == 1
     assert bubble_slots(Layout(Fold(tp=2).resolve(2))) == 0
+
+
+def _sample_layouts():
+    from foldmesh.models import preset
+    from foldmesh.plan import Workload, layouts
+
+    work = Workload(preset("mixtral-8x22b", capacity_factor=1.0), 256, 4096)
+    return work, list(layouts(work, 64, HARDWARE["h100"]))[::53]
+
+
+WORK, SAMPLE = _sample_layouts()
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(layout=st.sampled_from(SAMPLE))
+def test_estimates_add_up(layout):
+    """Every part of the step time is a time (>= 0), the step is their sum, the exposed
+    gradient sync is at most what its collectives take, and MFU follows from the step."""
+    from foldmesh.plan import estimate
+    from foldmesh.train.flops import flops_per_token
+
+    e = estimate(WORK, layout, HARDWARE["h100"])
+    assert all(v >= 0 for v in e.time.values()), e.time
+    assert e.step_time == sum(e.time.values())
+    sync = sum(collective_time(c, layout.fold, HARDWARE["h100"]) for c in e.collectives
+               if c.scope == "step")
+    assert e.time.get("dp", 0) + e.time.get("edp", 0) <= sync * (1 + 1e-9)
+    tokens = WORK.global_batch * WORK.seq_len
+    assert e.tokens_per_s_per_gpu == tokens / e.step_time / 64
+    assert e.mfu == flops_per_token(WORK.model, WORK.seq_len) * tokens / (
+        HARDWARE["h100"].peak_flops * 64 * e.step_time)
+    assert 0 < e.mfu < e.mfu_megatron < 1
