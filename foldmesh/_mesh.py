@@ -8,6 +8,7 @@ determine its coordinates in the other; that is what makes the fold transition f
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -28,7 +29,12 @@ FLATTENED = {
 # A size-1 axis never communicates: DTensor skips it, and so does foldmesh. It still needs a
 # process group for DeviceMesh's bookkeeping; a single-rank "fake" group is free (it creates
 # no communicator) and its collectives are identities, which is exactly right for one rank.
+# Before torch 2.13 they are not: the fake group's scatter and all-gather leave the output
+# buffer as allocated, so distribute_tensor over a mesh with a size-1 dim (etp = 1) handed
+# out uninitialised shards. Older torch gets real single-rank groups instead.
 _NOOP_BACKEND = "fake"
+_NOOP_TORCH = (2, 13)
+_TORCH = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
 
 
 def _register_noop_backend() -> bool:
@@ -171,7 +177,7 @@ def build_folded_mesh(fold: Fold, device_type: str = "cpu") -> FoldedMesh:
             "torch.distributed.init_process_group() before Fold.build()"
         )
     fold = fold.resolve(dist.get_world_size())
-    noop = _register_noop_backend()
+    noop = _TORCH >= _NOOP_TORCH and _register_noop_backend()
 
     def overrides(names: tuple[str, ...], sizes: tuple[int, ...]) -> dict[str, str] | None:
         if not noop:
