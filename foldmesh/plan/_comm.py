@@ -313,21 +313,24 @@ def p2p_messages(st: _Step, layout: Layout, stage: int, nbytes: float, n: int) -
 
 def fsdp_collectives(st: _Step, f: Fold, rank: int, params: tuple, n: int, weight: int,
                      partial: int) -> None:
-    """FSDP2 per group: all-gathers, one reduce-scatter, tp all-reduces of partial sums."""
+    """FSDP2 per group: all-gathers, one reduce-scatter, tp all-reduces of partial sums.
+
+    FSDP2 issues neither on a mesh of one rank (it copies the shard and keeps the
+    gradient), so ``add``'s size-1 rule holds for it too.
+    """
     pp1 = f.pp == 1
     sync = "backward" if pp1 else "forward"
     for name, expert, ranks, padded, partials in _fsdp_groups(f, rank, params[0], params[1]):
         mesh = "edp" if expert else "dp_cp"
         gathers = n if pp1 else 1
         st.add("all_gather", mesh, "forward", padded * weight, gathers, f"FSDP {name}",
-               "step", always=True)
+               "step")
         if pp1:
             st.add("all_gather", mesh, "backward", padded * weight, gathers, f"FSDP {name}",
-                   "step", always=True)
+                   "step")
         for numel in partials:
             st.add("all_reduce", "tp", sync, numel * partial, 1, f"FSDP {name} tp sum", "step")
-        st.add("reduce_scatter", mesh, sync, ranks * padded * FP32, 1, f"FSDP {name}", "step",
-               always=True)
+        st.add("reduce_scatter", mesh, sync, ranks * padded * FP32, 1, f"FSDP {name}", "step")
 
 
 @lru_cache(maxsize=8192)

@@ -15,6 +15,7 @@ the next call, because a failed collective leaves the process group unusable.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import pickle
@@ -76,7 +77,11 @@ def _worker(rank: int, world_size: int, port: int, timeout: float, conn,
         except BaseException:
             reply = ("error", traceback.format_exc())
         conn.send_bytes(pickle.dumps(reply))
+    # what the calls built (models, FSDP state) holds process groups in reference cycles:
+    # free them while the interpreter is whole (see foldmesh.train.__main__)
+    gc.collect()
     dist.destroy_process_group()
+    gc.collect()
 
 
 class RankPool:

@@ -11,6 +11,7 @@ file fails fast with a message naming it; rank 0 prints the resolved configurati
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -107,8 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         Trainer(cfg).fit()
     finally:
+        # The trainer's model and FSDP state form reference cycles that hold process
+        # groups. Left to the interpreter's shutdown, gloo's worker threads are joined while
+        # Python is being torn down, which now and then aborts the rank (SIGABRT, "terminate
+        # called without an active exception") after a finished run. Collect them first,
+        # so the groups die here, while the interpreter is whole.
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
+        gc.collect()
     return 0
 
 
