@@ -31,13 +31,39 @@ from ..kernels._routing import build_routing
 
 # Newer torch renames the *_tensor functional collectives *_single (same signatures).
 all_gather = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor
-all_gather_autograd = (
+_all_gather_autograd = (
     getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
 )
-reduce_scatter_autograd = (
+_reduce_scatter_autograd = (
     getattr(fc, "reduce_scatter_single_autograd", None) or fc.reduce_scatter_tensor_autograd
 )
 _all_to_all_autograd = fc.all_to_all_single_autograd
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient.
+
+    Before torch 2.13 the backward of the autograd all-gather and reduce-scatter runs the
+    opposite collective on the incoming gradient as it is, and fails ("Expected
+    input.is_contiguous()") when that gradient is strided, as ``y.sum()``'s expanded ones
+    are. A copy happens only when the gradient is not contiguous already.
+    """
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def all_gather_autograd(t: torch.Tensor, dim: int, group) -> torch.Tensor:
+    return _ContiguousGrad.apply(_ready(_all_gather_autograd(t, dim, group)))
+
+
+def reduce_scatter_autograd(t: torch.Tensor, op: str, dim: int, group) -> torch.Tensor:
+    return _ContiguousGrad.apply(_ready(_reduce_scatter_autograd(t, op, dim, group)))
 
 
 def _ready(t: torch.Tensor) -> torch.Tensor:
@@ -142,8 +168,8 @@ class AllGatherDispatcher(_Dispatcher):
             indices = torch.where(kept, indices, moe.num_experts)
         if P > 1:
             g = self.ep_etp_group
-            tokens = _ready(all_gather_autograd(tokens, 0, g))
-            probs_all = _ready(all_gather_autograd(probs, 0, g))
+            tokens = all_gather_autograd(tokens, 0, g)
+            probs_all = all_gather_autograd(probs, 0, g)
             indices = _ready(all_gather(indices, 0, g))
         else:
             probs_all = probs

@@ -36,7 +36,8 @@ What runs differently from a GPU step, and why (all inside this module, undone a
   for backward): it runs as flash attention's meta kernel, which keeps q, k, v, the output
   and the log-sum-exp, as on a GPU.
 * CUDA autocast (how the trainer runs bf16 with replication) does not act on meta tensors:
-  a function mode casts the fp32 inputs of matrix products and attention as it would.
+  a function mode casts the fp32 inputs of matrix products and attention as it would, and
+  pauses where the router turns autocast off.
 """
 
 from __future__ import annotations
@@ -71,9 +72,10 @@ from ..data_parallel import apply_fsdp, clip_grad_norm_, reduce_gradients
 from ..kernels import capacity_for
 from ..loss import cross_entropy, local_cross_entropy
 from ..models import ModelConfig, Transformer
+from ..moe import router as router_module
 from ..parallelize import parallelize
 from ..pipeline import check_pipeline, split_model
-from ._meta import _meta_fsdp, _meta_kernels, _MetaMode
+from ._meta import _meta_fsdp, _meta_kernels, _MetaMode, _patched
 from ._workload import Layout, Workload, rank_coordinates
 
 __all__ = ["DryRunReport", "LocalParam", "SavedGroup", "dry_run"]
@@ -371,7 +373,10 @@ def _step(parts, fm, workload: Workload, layout: Layout, phases: dict):
     tracker = MemTracker()
     tracker.track_external(*parts)
     phases["forward"] = phases["backward"] = 0.0
-    with tracker, counter, mode:
+    # the router turns autocast off around its matmul (its precision is its own setting);
+    # on meta that is a no-op, so here it pauses the mode's casts instead
+    no_autocast = (router_module, "_no_autocast", lambda device_type: mode.paused())
+    with tracker, counter, mode, _patched(no_autocast):
         for part in parts:
             stage = getattr(part, "pipeline_stage", 0)
             labels = torch.empty(b, s, dtype=torch.int64, device="meta")

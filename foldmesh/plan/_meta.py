@@ -144,6 +144,15 @@ class _MetaMode(TorchFunctionMode):
         super().__init__()
         self.autocast = autocast
 
+    @contextlib.contextmanager
+    def paused(self):
+        """No casts for the block, as ``torch.autocast(enabled=False)`` would give."""
+        saved, self.autocast = self.autocast, None
+        try:
+            yield
+        finally:
+            self.autocast = saved
+
     def _cast(self, a):
         if isinstance(a, torch.Tensor) and a.dtype == torch.float32:
             return a.to(self.autocast)

@@ -18,8 +18,8 @@ import torch
 
 from ..models import ModelConfig
 
-PEAK_BF16_FLOPS = {"H100": 989.5e12, "H200": 989.5e12, "H800": 989.5e12, "A100": 312e12,
-                   "B200": 2250e12}
+# GPUs whose device name differs from the planner preset with their compute
+_SAME_COMPUTE = {"H800": "h100"}
 
 
 def active_matmul_params(cfg: ModelConfig) -> int:
@@ -42,8 +42,13 @@ def peak_flops(device: torch.device) -> float | None:
     """Peak dense BF16 FLOP/s of one ``device``; None on CPU or an unknown GPU."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BF16_FLOPS.items():
+    # one table of peak rates, the planner's presets (with their sources); imported here,
+    # not at the top, because foldmesh.plan itself imports this module
+    from ..plan._hardware import HARDWARE
+
+    name = torch.cuda.get_device_name(device).upper()
+    keys = {**{k.upper(): k for k in HARDWARE}, **_SAME_COMPUTE}
+    for key, preset in keys.items():
         if key in name:
-            return value
+            return HARDWARE[preset].peak_flops
     return None

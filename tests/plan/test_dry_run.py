@@ -108,6 +108,11 @@ def test_small_fold(name, mode, rank):
             assert r.counts[("all_to_all", "etp", direction)] == 2
             assert r.collectives[("all_to_all", "etp", direction)] == 2 * etp_rows * H * act
     assert r.capacity == math.ceil(B * SEQ // (f.cp * f.tp) * K / E)
+    # the router's logits keep its own precision (fp32) under autocast too: the softmax
+    # over the E experts saves them once
+    n = B * SEQ // (f.cp * f.tp)
+    assert [g.dtype for g in r.saved_breakdown
+            if g.op == "SoftmaxBackward0" and g.shape == (n, E)] == ["float32"]
 
     dense = "dp_cp" if f.cp > 1 else "dp"
     if mode == "fsdp":

@@ -99,3 +99,19 @@ def test_estimates_add_up(layout):
     assert e.mfu == flops_per_token(WORK.model, WORK.seq_len) * tokens / (
         HARDWARE["h100"].peak_flops * 64 * e.step_time)
     assert 0 < e.mfu < e.mfu_megatron < 1
+
+
+def test_the_trainers_peak_rates_are_the_presets(monkeypatch):
+    """The trainer's MFU divides by the same peak the planner uses, found by device name."""
+    import torch
+
+    from foldmesh.train.flops import peak_flops
+
+    assert peak_flops(torch.device("cpu")) is None
+    for name, preset in [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
+                         ("NVIDIA B200", "b200"), ("NVIDIA A100-SXM4-80GB", "a100"),
+                         ("NVIDIA H800", "h100")]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None, n=name: n)
+        assert peak_flops(torch.device("cuda", 0)) == HARDWARE[preset].peak_flops, name
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA T4")
+    assert peak_flops(torch.device("cuda", 0)) is None
