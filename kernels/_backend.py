@@ -23,7 +23,8 @@ import os
 
 import torch
 
-__all__ = ["kernel_backend", "triton_available", "interpret_mode", "ENV_VAR", "BACKENDS"]
+__all__ = ["kernel_backend", "triton_available", "interpreter_problem", "interpret_mode",
+           "ENV_VAR", "BACKENDS"]
 
 ENV_VAR = "FOLDMESH_KERNELS"
 BACKENDS = ("triton", "torch")
@@ -41,6 +42,29 @@ def triton_available() -> bool:
     except Exception:  # a broken or blocked install must not break the torch path
         return False
     return True
+
+
+@functools.lru_cache(maxsize=1)
+def interpreter_problem() -> str | None:
+    """Why this Triton's CPU interpreter cannot run foldmesh's kernels, or None if it can.
+
+    NumPy 2.4 turned the conversion of a one-element array to a Python int into an error;
+    Triton's interpreter before 3.7 does exactly that for a loaded scalar used as a loop
+    bound (every grouped GEMM). Compiled kernels on a GPU are unaffected.
+    """
+    if not triton_available():
+        return "triton cannot be imported"
+    import numpy
+    import triton
+
+    def version(v: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in v.split("+")[0].split(".")[:2] if x.isdigit())
+
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        return (f"the Triton {triton.__version__} interpreter cannot run with NumPy "
+                f"{numpy.__version__} (it converts one-element arrays to ints, an error since "
+                "NumPy 2.4): install triton>=3.7 or numpy<2.4, or use the torch backend")
+    return None
 
 
 def interpret_mode() -> bool:
@@ -87,6 +111,8 @@ def kernel_backend(x: torch.Tensor | None = None, backend: str | None = None) ->
             "kernel backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 "
             "(set it before foldmesh.kernels launches its first kernel)"
         )
+    if x is not None and not x.is_cuda and (problem := interpreter_problem()) is not None:
+        raise RuntimeError(f"kernel backend 'triton' on CPU tensors: {problem}")
     return "triton"
 
 

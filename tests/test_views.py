@@ -11,6 +11,7 @@ import pytest
 import torch.distributed as dist
 
 from foldmesh import FoldedMesh
+from foldmesh._mesh import _NOOP_TORCH, _TORCH
 from foldmesh.testing import RankPool, all_folds
 
 ATTN = ("pp", "dp", "cp", "tp")  # slowest to fastest
@@ -54,8 +55,10 @@ def check_all_folds(world: int) -> int:
                 if len(mine) > 1:
                     assert dist.get_process_group_ranks(group) == list(mine)
                 else:
-                    # size-1 axes never communicate: no gloo group is created for them
-                    assert group.size() == 1 and dist.get_backend(group) == "fake"
+                    # size-1 axes never communicate: from torch 2.13 on no gloo group is
+                    # created for them; before it a single-rank one is (foldmesh._mesh: why)
+                    want = "fake" if _TORCH >= _NOOP_TORCH else "gloo"
+                    assert group.size() == 1 and dist.get_backend(group) == want
                 assert set(map(tuple, fm.groups(axis))) == groups
         # pp groups agree between the views
         assert my_group(fm.attn["pp"]) == my_group(fm.moe["pp"])

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 from foldmesh.kernels import capacity_for, kernel_backend
-from kernels_naive import HAS_TRITON
+from kernels_naive import HAS_TRITON, TRITON_SKIP
 
 
 @pytest.mark.parametrize(
@@ -42,7 +42,7 @@ def test_selection_order(monkeypatch):
         kernel_backend(x)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton missing")
+@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
 def test_forcing_triton(monkeypatch):
     x = torch.zeros(2, 2)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -109,3 +109,20 @@ def test_import_and_ops_without_triton():
 def test_import_does_not_load_triton():
     result = _run(_USE_EVERY_OP + "\n    print('ok')\n")
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton missing")
+def test_an_interpreter_that_cannot_run_names_the_fix(monkeypatch):
+    import numpy
+    import triton
+    from foldmesh.kernels._backend import interpreter_problem
+
+    check = interpreter_problem.__wrapped__  # uncached
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    assert "install triton>=3.7 or numpy<2.4" in check()
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
+    assert check() is None
+    monkeypatch.setattr(triton, "__version__", "3.7.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    assert check() is None
