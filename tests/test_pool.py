@@ -67,3 +67,19 @@ def test_silent_hang_times_out():
         with pytest.raises(RankTimeout, match=r"did not answer within 3s"):
             pool.run(sleep_forever)
         assert pool.run(rank_and_sum, 0) == [(0, 1), (1, 1)]
+
+
+def test_the_pool_and_counter_import_without_hypothesis():
+    """Only the fold strategies need hypothesis (the ``testing`` extra); the planner's dry run
+    imports the counter on machines that may not have it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['hypothesis'] = None\n"
+            "from foldmesh.testing import CollectiveCounter, RankPool\n"
+            "try:\n    from foldmesh.testing import folds\n"
+            "except ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "foldmesh.testing.folds needs hypothesis: pip install 'foldmesh[testing]'" in out.stdout

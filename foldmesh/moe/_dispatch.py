@@ -40,30 +40,26 @@ _reduce_scatter_autograd = (
 _all_to_all_autograd = fc.all_to_all_single_autograd
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward hands on a contiguous gradient.
+def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
+    """``t``, with the gradient that reaches its autograd node made contiguous.
 
     Before torch 2.13 the backward of the autograd all-gather and reduce-scatter runs the
     opposite collective on the incoming gradient as it is, and fails ("Expected
     input.is_contiguous()") when that gradient is strided, as ``y.sum()``'s expanded ones
-    are. A copy happens only when the gradient is not contiguous already.
+    are. A tensor hook (not a custom Function, whose view outputs could not be modified in
+    place) copies only a gradient that is not contiguous already.
     """
-
-    @staticmethod
-    def forward(ctx, t):
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
+    if t.requires_grad:
+        t.register_hook(torch.Tensor.contiguous)
+    return t
 
 
 def all_gather_autograd(t: torch.Tensor, dim: int, group) -> torch.Tensor:
-    return _ContiguousGrad.apply(_ready(_all_gather_autograd(t, dim, group)))
+    return _contiguous_grad(_ready(_all_gather_autograd(t, dim, group)))
 
 
 def reduce_scatter_autograd(t: torch.Tensor, op: str, dim: int, group) -> torch.Tensor:
-    return _ContiguousGrad.apply(_ready(_reduce_scatter_autograd(t, op, dim, group)))
+    return _contiguous_grad(_ready(_reduce_scatter_autograd(t, op, dim, group)))
 
 
 def _ready(t: torch.Tensor) -> torch.Tensor:

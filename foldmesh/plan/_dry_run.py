@@ -350,7 +350,7 @@ def _build(cfg: ModelConfig, fm, workload: Workload, layout: Layout) -> list[Tra
 def _step(parts, fm, workload: Workload, layout: Layout, phases: dict):
     """One micro-batch forward and backward through every stage, then the data-parallel
     step, all under one collective counter; returns it and each stage's saved tensors."""
-    # imported here: the foldmesh.testing package needs hypothesis (a testing extra)
+    # imported here, where a dry run needs them: the planner alone imports neither
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from ..testing import CollectiveCounter

@@ -19,7 +19,22 @@ forward or backward) for checks against what a layer's docs promise.
 from ._comm import CollectiveCounter, CollectiveRecord
 from ._compare import TOLERANCES, assert_close_to_reference, full, load_reference
 from ._pool import RankError, RankPool, RankTimeout, folded_mesh
-from ._strategies import all_folds, factorizations, folds
+
+# The fold strategies need hypothesis (the ``testing`` extra); the rank pool and the
+# collective counter do not (the planner's dry run uses the counter), so the strategies are
+# imported when first asked for.
+_STRATEGIES = ("all_folds", "factorizations", "folds")
+
+
+def __getattr__(name: str):
+    if name in _STRATEGIES:
+        try:
+            from . import _strategies
+        except ImportError as e:
+            raise ImportError(f"foldmesh.testing.{name} needs hypothesis: pip install "
+                              f"'foldmesh[testing]' (or hypothesis>=6.100)") from e
+        return getattr(_strategies, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "TOLERANCES",

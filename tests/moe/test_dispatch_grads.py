@@ -9,17 +9,20 @@ the wrappers; the first fails on any torch.
 import pytest
 import torch
 
-from foldmesh.moe._dispatch import _ContiguousGrad, all_gather_autograd, reduce_scatter_autograd
+from foldmesh.moe._dispatch import _contiguous_grad, all_gather_autograd, reduce_scatter_autograd
 from foldmesh.testing import RankPool
 
 
 def test_contiguous_grad_hands_on_a_contiguous_gradient():
     x = torch.randn(3, 4, requires_grad=True)
+    y = x * 2
+    _contiguous_grad(y)
     seen = []
-    x.register_hook(lambda g: seen.append(g.is_contiguous()))
-    _ContiguousGrad.apply(x).sum().backward()  # sum's gradient: ones expanded, stride 0
+    y.register_hook(lambda g: seen.append(g.is_contiguous()))  # runs after the guard's hook
+    y.sum().backward()  # sum's gradient: ones expanded, stride 0
     assert seen == [True]
-    assert torch.equal(x.grad, torch.ones(3, 4))
+    assert torch.equal(x.grad, torch.full((3, 4), 2.0))
+    assert _contiguous_grad(torch.ones(2)).grad_fn is None  # no graph, no hook
 
 
 @pytest.fixture(scope="module")
