@@ -8,9 +8,10 @@
         --fold tp=2,ep=8,pp=8,etp=1 [--rank R]
 
 ``--fold`` takes the degrees tp, cp, pp, ep, etp (dp and edp are inferred; giving them
-checks them) and optionally vpp (stages per pp rank), mbs, ac (none/full), dp_mode
-(fsdp/replicate) and schedule. Hardware: ``--gpu`` names a preset (h100, h200, b200, a100)
-or a TOML file; ``--set name=value`` overrides any of its fields.
+checks them) and optionally vpp (stages per pp rank), mbs, layers (an explicit pipeline
+split, the layers of each stage joined by "+", as the trainer's ``fold.pp_layers``), ac
+(none/full), dp_mode (fsdp/replicate) and schedule. Hardware: ``--gpu`` names a preset
+(h100, h200, b200, a100) or a TOML file; ``--set name=value`` overrides any of its fields.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from ._report import plot, table, write_json
 from ._search import nothing_fits, search, valid
 from ._workload import Layout, Workload
 
-FOLD_KEYS = ("tp", "cp", "dp", "pp", "ep", "etp", "edp", "vpp", "mbs", "ac", "dp_mode",
-             "schedule")
+FOLD_KEYS = ("tp", "cp", "dp", "pp", "ep", "etp", "edp", "vpp", "mbs", "layers", "ac",
+             "dp_mode", "schedule")
 
 
 def load_model(spec: str) -> ModelConfig:
@@ -75,12 +76,19 @@ def parse_fold(text: str, gpus: int, workload: Workload, batch: bool = True) -> 
     except FoldError as e:
         raise FoldError(f"--fold {text!r} does not fit --gpus {gpus}: {e}") from None
     pp = fold.pp
+    layers = ()
+    if "layers" in values:  # an explicit pipeline split: layers=7+8+7+7+7+7+7+6
+        try:
+            layers = tuple(int(n) for n in values["layers"].split("+"))
+        except ValueError:
+            raise FoldError(f"--fold: layers={values['layers']!r}: give the layers of each "
+                            "pipeline stage joined by '+', e.g. layers=7+8+7+6") from None
     vpp = ints.get("vpp", 1)
     schedule = values.get("schedule", "Interleaved1F1B" if vpp > 1 else "1F1B")
     layout = Layout(fold, micro_batch=ints.get("mbs", 1), schedule=schedule,
                     stages_per_rank=vpp if pp > 1 else 1,
                     activation_checkpoint=values.get("ac", "none"),
-                    data_parallel=values.get("dp_mode", "fsdp"))
+                    data_parallel=values.get("dp_mode", "fsdp"), pp_layers=layers)
     why = valid(workload, layout, batch)
     if why:
         raise FoldError(f"--fold {text!r}: {why}")

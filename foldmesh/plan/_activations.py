@@ -374,7 +374,7 @@ def activation_memory(workload: Workload, layout: Layout, rank: int = 0, *,
         mine = stage_indices(coord["pp"], f.pp, v, schedule_style(layout.schedule))
     else:
         v, num_stages, mine = 1, 1, [0]
-    layers = split_layers(cfg.num_layers, num_stages)
+    layers = split_layers(cfg.num_layers, num_stages, layout.pp_layers or None)
     full_ac = layout.activation_checkpoint == "full"
     boundary = z.T * cfg.hidden_size * p.resid  # one residual-stream block [b, s, H]
 

@@ -328,7 +328,8 @@ def _build(cfg: ModelConfig, fm, workload: Workload, layout: Layout) -> list[Tra
     parts = [model]
     if f.pp > 1:
         parts = split_model(model, fm, schedule=layout.schedule,
-                            stages_per_rank=layout.stages_per_rank)
+                            stages_per_rank=layout.stages_per_rank,
+                            layers_per_stage=layout.pp_layers or None)
     for part in parts:
         if workload.dispatcher == "alltoall":  # static split sizes, whatever the config has
             for block in part.layers.values():

@@ -66,6 +66,7 @@ class Estimate:
             "fold": {a: f.size(a) for a in ("tp", "cp", "dp", "pp", "etp", "ep", "edp")},
             "vpp": self.layout.stages_per_rank, "mbs": self.layout.micro_batch,
             "schedule": self.layout.schedule if f.pp > 1 else None,
+            "pp_layers": list(self.layout.pp_layers) or None,
             "activation_checkpoint": self.layout.activation_checkpoint,
             "data_parallel": self.layout.data_parallel,
             "microbatches": self.layout.microbatches(self.workload),

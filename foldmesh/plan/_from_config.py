@@ -27,5 +27,6 @@ def from_train_config(cfg, world_size: int, device_type: str = "cuda"
         stages = check_pipeline(f.pp_schedule, fold.pp, f.pp_stages_per_rank or None, None)
     layout = Layout(fold=fold, micro_batch=t.micro_batch or rows, schedule=f.pp_schedule,
                     stages_per_rank=stages, activation_checkpoint=f.activation_checkpoint,
-                    data_parallel=f.data_parallel)
+                    data_parallel=f.data_parallel,
+                    pp_layers=tuple(f.pp_layers) if fold.pp > 1 else ())
     return workload, layout

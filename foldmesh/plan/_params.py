@@ -112,12 +112,13 @@ def stages_of(cfg: ModelConfig, layout: Layout, pp_rank: int) -> tuple[tuple[int
     if f.pp == 1:
         return ((0, range(cfg.num_layers)),)
     return _stages(cfg.num_layers, f.pp, layout.stages_per_rank,
-                   schedule_style(layout.schedule), pp_rank)
+                   schedule_style(layout.schedule), pp_rank, layout.pp_layers)
 
 
 @lru_cache(maxsize=4096)
-def _stages(num_layers: int, pp: int, v: int, style: str, pp_rank: int) -> tuple:
-    layers = split_layers(num_layers, pp * v)
+def _stages(num_layers: int, pp: int, v: int, style: str, pp_rank: int,
+            pp_layers: tuple[int, ...] = ()) -> tuple:
+    layers = split_layers(num_layers, pp * v, pp_layers or None)
     return tuple((s, layers[s]) for s in stage_indices(pp_rank, pp, v, style))
 
 
@@ -125,13 +126,15 @@ def rank_params(cfg: ModelConfig, layout: Layout, rank: int) -> tuple[ParamShard
     """Every parameter shard global ``rank`` holds, in module order per stage."""
     f = layout.fold
     return _rank_params(cfg, f, layout.schedule if f.pp > 1 else "1F1B",
-                        layout.stages_per_rank, rank_coordinates(f, rank)["pp"])
+                        layout.stages_per_rank, rank_coordinates(f, rank)["pp"],
+                        layout.pp_layers)
 
 
 @lru_cache(maxsize=4096)
 def _rank_params(cfg: ModelConfig, f: Fold, schedule: str, stages_per_rank: int,
-                 pp_rank: int) -> tuple[ParamShard, ...]:
-    layout = Layout(f, schedule=schedule, stages_per_rank=stages_per_rank)
+                 pp_rank: int, pp_layers: tuple[int, ...] = ()) -> tuple[ParamShard, ...]:
+    layout = Layout(f, schedule=schedule, stages_per_rank=stages_per_rank,
+                    pp_layers=pp_layers)
     out: list[ParamShard] = []
     last = layout.num_stages - 1 if f.pp > 1 else 0
     v, h = cfg.vocab_size, cfg.hidden_size

@@ -16,6 +16,8 @@ def _fold_text(e: Estimate) -> str:
     f, lay = e.layout.fold, e.layout
     attn = f"tp{f.tp} cp{f.cp} dp{f.dp} pp{f.pp}" + (f" v{lay.stages_per_rank}"
                                                      if lay.stages_per_rank > 1 else "")
+    if lay.pp_layers:  # an explicit split, layers per stage
+        attn += " [" + "+".join(map(str, lay.pp_layers)) + "]"
     return f"{attn} | etp{f.etp} ep{f.ep} edp{f.edp}"
 
 

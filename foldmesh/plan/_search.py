@@ -39,7 +39,7 @@ def valid(workload: Workload, layout: Layout, batch: bool = True) -> str:
             f.check_experts(cfg.num_experts)
             f.check_expert_ffn(cfg.expert_ffn_size)
         if f.pp > 1:
-            split_layers(cfg.num_layers, layout.num_stages)
+            split_layers(cfg.num_layers, layout.num_stages, layout.pp_layers or None)
     except FoldError as e:
         return str(e)
     split = 2 * f.cp if f.cp > 1 else 1

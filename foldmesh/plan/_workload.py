@@ -78,6 +78,8 @@ class Layout:
         activation_checkpoint: "none" or "full" (recompute every block in backward).
         data_parallel: "fsdp" (FSDP2: dense weights over dp·cp, experts over edp) or
             "replicate" (full copies, one gradient all-reduce per group).
+        pp_layers: layers of each pipeline stage, in stage order (the trainer's
+            ``fold.pp_layers``); empty: the balanced default split (``split_layers``).
     """
 
     fold: Fold
@@ -86,6 +88,7 @@ class Layout:
     stages_per_rank: int = 1
     activation_checkpoint: str = "none"
     data_parallel: str = "fsdp"
+    pp_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.fold.resolved:
@@ -97,6 +100,12 @@ class Layout:
         if self.activation_checkpoint not in AC_MODES:
             raise FoldError(f"activation_checkpoint must be one of {AC_MODES}, "
                             f"got {self.activation_checkpoint!r}")
+        if not isinstance(self.pp_layers, tuple) or not all(
+                isinstance(n, int) and n >= 1 for n in self.pp_layers):
+            raise FoldError(f"pp_layers must be a tuple of layer counts >= 1, "
+                            f"got {self.pp_layers!r}")
+        if self.pp_layers and self.fold.pp == 1:
+            raise FoldError(f"pp_layers = {list(self.pp_layers)} splits a pipeline, but pp = 1")
         if self.data_parallel not in DATA_PARALLEL:
             raise FoldError(f"data_parallel must be one of {DATA_PARALLEL}, "
                             f"got {self.data_parallel!r}")

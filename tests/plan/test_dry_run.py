@@ -8,6 +8,7 @@ C = ceil(n*k/E * capacity_factor) for the rank's n = b*S/(cp*tp) tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -275,4 +276,17 @@ def test_counted_bytes_equal_the_planners(name, mode):
         planned = step_collectives(r.workload, r.layout, rank, microbatches=1, trainer=False,
                                    p2p=False)
         assert bytes_by(planned, r.fold) == r.collectives, (name, mode, rank)
+        assert r.param_bytes == state_bytes(r.workload, r.layout, rank)[0]
+
+
+def test_an_explicit_pipeline_split():
+    """``pp_layers`` (the trainer's ``fold.pp_layers``) moves layers between stages: the
+    dry run builds that split, and its bytes still equal the planner's for the rank."""
+    model = dataclasses.replace(MODEL, num_layers=3)  # the default split is 2 + 1
+    for rank, layers in ((0, {"layers.0"}), (15, {"layers.1", "layers.2"})):
+        r = run(FOLDS["tp2-ep4-pp2"], rank=rank, model=model, pp_layers=(1, 2))
+        assert {p.name.split(".ffn")[0] for p in r.params if ".ffn." in p.name} == layers
+        planned = step_collectives(r.workload, r.layout, rank, microbatches=1, trainer=False,
+                                   p2p=False)
+        assert bytes_by(planned, r.fold) == r.collectives
         assert r.param_bytes == state_bytes(r.workload, r.layout, rank)[0]

@@ -456,3 +456,20 @@ def test_pipeline_total_and_buffers():
         assert sum(m.by_part.values()) == m.per_microbatch
     full = activation_memory(wl, lay.replace(activation_checkpoint="full"), 0)
     assert full.recompute_peak > 0 and full.per_microbatch < base.per_microbatch
+
+
+def test_an_explicit_pipeline_split_moves_the_layers_activations():
+    """``Layout.pp_layers`` (the trainer's ``fold.pp_layers``): a stage's per-layer terms scale
+    with its own layer count, the embedding and the head stay where they are."""
+    cfg = dataclasses.replace(preset("debug-mixtral"), num_layers=3)
+    wl = Workload(cfg, global_batch=16, seq_len=32)
+    fold = Fold(tp=2, ep=4, pp=2).resolve(16)
+    first, last = 0, 15  # a rank of each stage
+    parts = ("attention", "moe", "dispatch")
+    for rank, default_layers, moved_layers in ((first, 2, 1), (last, 1, 2)):
+        default = activation_memory(wl, Layout(fold), rank).by_part
+        moved = activation_memory(wl, Layout(fold, pp_layers=(1, 2)), rank).by_part
+        for part in parts:
+            assert moved[part] * default_layers == default[part] * moved_layers > 0, part
+        for part in ("embedding", "head_loss"):
+            assert moved.get(part, 0) == default.get(part, 0)

@@ -40,7 +40,9 @@ def test_one_fold(capsys, tmp_path):
     assert main([*SMALL, "--fold", "tp=2,ep=4,mbs=2,ac=full", "--json", str(out)]) == 0
     (d,) = json.loads(out.read_text())
     assert d["fold"] == {"tp": 2, "cp": 1, "dp": 4, "pp": 1, "etp": 1, "ep": 4, "edp": 2}
-    assert d["mbs"] == 2 and d["activation_checkpoint"] == "full"
+    assert d["mbs"] == 2 and d["activation_checkpoint"] == "full" and d["pp_layers"] is None
+    assert main([*SMALL, "--fold", "tp=2,ep=4,pp=2,layers=1+1", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())[0]["pp_layers"] == [1, 1]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -51,6 +53,9 @@ def test_one_fold(capsys, tmp_path):
     ([*SMALL, "--fold", "tp=3"], "does not fit --gpus 8"),
     ([*SMALL, "--fold", "tp=2,ep=3"], "does not fit --gpus 8"),
     ([*SMALL, "--fold", "ep=16,tp=1,pp=1,edp=1,dp=8"], "does not fit --gpus 8"),
+    ([*SMALL, "--fold", "tp=2,ep=4,pp=2,layers=1+x"], "joined by '+'"),
+    ([*SMALL, "--fold", "tp=2,ep=4,pp=2,layers=1+2+3"], "give 2 counts"),
+    ([*SMALL, "--fold", "tp=2,ep=4,layers=2"], "but pp = 1"),
     ([*SMALL, "--set", "peak_flops=abc"], "must be a number"),
     ([*SMALL, "--mbs", "1,x"], "--mbs '1,x'"),
     ([*SMALL, "--global-batch", "0"], "global_batch must be a positive int"),

@@ -138,6 +138,9 @@ PINNED = [
     # a dense layer and a gated shared expert, tensor-parallel
     (Fold(tp=2, ep=4, etp=2), "fsdp", dict(extra=QWEN, layers=3)),
     (Fold(pp=2, tp=2, ep=2), "replicate", dict(extra=QWEN, layers=3, micro=1)),
+    # an explicit split (fold.pp_layers) against the default 2 + 1
+    (Fold(pp=2, tp=2, ep=4), "fsdp", dict(layers=3, micro=1,
+                                          extra=["--fold.pp_layers", "[1, 2]"])),
     # interleaved stages: 4 stages on 2 pp ranks, each rank's two stages apart
     (Fold(pp=2, tp=2, ep=4), "fsdp", dict(layers=4, micro=1, schedule="Interleaved1F1B",
                                           stages=2)),
