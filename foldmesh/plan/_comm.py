@@ -277,8 +277,9 @@ def step_collectives(workload: Workload, layout: Layout, rank: int = 0, *,
         if f.pp > 1 and p2p:
             p2p_messages(st, layout, stage, tokens * h * stream, n)
 
-    lite = Layout(f, schedule=layout.schedule, stages_per_rank=layout.stages_per_rank,
-                  pp_layers=layout.pp_layers)
+    # the layout with only what decides the parameters (one cache entry for every
+    # micro-batch size, AC mode and data-parallel mode)
+    lite = layout.replace(micro_batch=1, activation_checkpoint="none", data_parallel="fsdp")
     if fsdp:
         # FSDP2 accumulates unsharded gradients in its fp32 reduce_dtype while gradient sync
         # is off (earlier micro-batches, or a whole pipeline step): the tp sums are then fp32
