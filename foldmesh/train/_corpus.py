@@ -17,6 +17,7 @@ from pathlib import Path
 from ..data import DataError
 from ._config_io import ConfigError
 from .config import TrainConfig
+from .metrics import on_terminal
 
 DOCUMENT_SOURCES = ("corpus", "prepared")
 _WAIT_S = 24 * 3600  # a large corpus takes long; a failure on rank 0 is reported at once
@@ -66,7 +67,7 @@ def prepare_corpus(cfg: TrainConfig, rank: int) -> None:
             old.unlink(missing_ok=True)
         try:
             prepare(tokenizer_spec(cfg), [cfg.data.path], out, text_field=cfg.data.text_field,
-                    progress=cfg.metrics.progress)
+                    progress=cfg.metrics.progress and on_terminal())
         except DataError as e:
             failed.write_text(str(e))
             raise ConfigError(f"data.source = 'corpus': {e}") from None

@@ -33,15 +33,25 @@ def init_distributed(device: str) -> torch.device:
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a plain `python -m foldmesh.train`: one rank
-            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
         backend = "nccl" if device == "cuda" else "gloo"
+        if "RANK" not in os.environ:  # a plain `python -m foldmesh.train`: one rank
+            os.environ.update(RANK="0", WORLD_SIZE="1")
+            if "MASTER_PORT" not in os.environ:
+                # One rank has no peers to meet: an in-process store needs no port, so any
+                # number of one-process runs can share a machine. A set MASTER_PORT is the
+                # user's choice of rendezvous and is honoured below.
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+                return _device(device)
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "TORCHELASTIC_RESTART_COUNT" in os.environ:
             dist.init_process_group(backend, store=_attempt_store(), rank=int(
                 os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
         else:
             dist.init_process_group(backend)
+    return _device(device)
+
+
+def _device(device: str) -> torch.device:
     return torch.device(device, torch.cuda.current_device()) if device == "cuda" \
         else torch.device("cpu")
 

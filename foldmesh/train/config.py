@@ -156,7 +156,8 @@ class MetricsSection:
     log_every: int = 10
     """A log line and a metrics.jsonl record every this many steps."""
     progress: bool = True
-    """A progress bar on rank 0."""
+    """A progress bar on rank 0, drawn only when stdout and stderr are terminals: a batch job's
+    log (Slurm, nohup, tee, CI) gets the log lines alone. False turns it off everywhere."""
     plots: bool = True
     """Draw PNG plots into the run directory at the end."""
     tensorboard: bool = False

@@ -30,6 +30,13 @@ from tqdm import tqdm
 METRICS_FILE = "metrics.jsonl"
 
 
+def on_terminal() -> bool:
+    """True when both stdout and stderr are terminals. A progress bar redraws its line with
+    carriage returns, which fill a batch job's log (Slurm, nohup, tee, CI) with frames, so
+    bars are drawn only where a person watches them."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
 def _jsonable(obj: Any) -> Any:
     # Tensors and numpy scalars slip into records easily; .tolist() turns a 0-d one into a
     # Python number and a 1-d one (expert counts) into a list.
@@ -67,7 +74,8 @@ class MetricsLogger:
     Args:
         run_dir: where metrics.jsonl is written (created if missing).
         total_steps: the run's last step, for "step/total" and the bar's ETA.
-        progress: show a tqdm bar on stderr (off for logs redirected to a file).
+        progress: show a tqdm bar on stderr. It is drawn only when stdout and stderr are
+            terminals (``on_terminal``); otherwise only the log lines are written, flushed.
         enabled: False on ranks other than 0: every method does nothing, no file is opened.
         start_step: the step a resumed run continues from (where the bar starts).
         sinks: dashboards given each train and val record's scalars: objects with
@@ -91,7 +99,7 @@ class MetricsLogger:
         self._sinks, self._sinks_open = list(sinks) if enabled else [], False
         self.total_steps = total_steps
         self.start_step = start_step
-        self.progress = progress and enabled
+        self.progress = progress and enabled and on_terminal()
         self._bar: tqdm | None = None
         self._file = None
         if not enabled:

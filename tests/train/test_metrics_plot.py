@@ -140,3 +140,15 @@ def test_plot_run_skips_missing_data(tmp_path, capsys):
     assert [p.name for p in plot_run(tmp_path)] == ["loss.png", "throughput.png"]
     out = capsys.readouterr().out
     assert "no validation" in out and "no expert records" in out
+
+
+def test_bar_only_on_a_terminal(tmp_path, monkeypatch):
+    """A batch job's log (not a terminal) gets no bar; progress=False turns it off anywhere."""
+    from foldmesh.train import metrics
+
+    for terminal, progress, drawn in [(True, True, True), (True, False, False),
+                                      (False, True, False)]:
+        monkeypatch.setattr(metrics, "on_terminal", lambda t=terminal: t)
+        with MetricsLogger(tmp_path / f"{terminal}-{progress}", 10, progress=progress) as log:
+            log.progress_update(1, 2.0, 1.0)
+            assert (log._bar is not None) == drawn, (terminal, progress)
