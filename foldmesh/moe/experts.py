@@ -47,6 +47,9 @@ class GroupedExperts(nn.Module):
         # GEMM saves its weight for backward, and a concatenated copy would stay alive per
         # layer and micro-batch in flight (El·H·2F elements, the largest saved tensor of a
         # Mixtral layer). The parameters themselves are kept alive anyway.
+        # The tokens arrive in the compute dtype (``MoE`` casts them under autocast): each
+        # weight is cast to it once per forward, and the GEMM saves that copy for backward
+        # (the planner counts it). Under FSDP2's param_dtype the casts are no-ops.
         dt = tokens.dtype
         offsets = torch.cumsum(counts, 0)
         h = torch.cat([grouped_gemm(tokens, w_gate.to(dt), offsets),

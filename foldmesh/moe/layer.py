@@ -54,6 +54,19 @@ class MoEConfig:
             raise ValueError("MoEConfig.pad_to_capacity needs a capacity_factor")
 
 
+def token_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the MoE token path for input ``x``: autocast's when autocast is on for
+    x's device (the trainer's bf16 replication keeps an fp32 residual stream), else x's own.
+
+    Autocast casts only the ops on its lists; the permute, the dispatch collectives, the
+    Triton grouped GEMMs and the unpermute are not on them, so the layer casts the tokens
+    once itself, and everything after runs in that dtype (docs/kernels.md, "Autocast")."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 class LocalDispatcher:
     """Single-process dispatch: permute, experts, unpermute."""
 
@@ -67,9 +80,11 @@ class LocalDispatcher:
 class MoE(nn.Module):
     """Top-k routed SwiGLU experts plus an optional shared expert.
 
-    ``forward(x)``: x [B, L, H] or [N, H] -> same shape. The routing weights multiply the
-    expert outputs when the k copies of a token are combined. ``last_dropped`` ([] int64)
-    counts the copies of this rank's tokens the capacity dropped in the last forward.
+    ``forward(x)``: x [B, L, H] or [N, H] -> same shape, in ``token_dtype(x)``: x's dtype, or
+    autocast's (bf16) when autocast is on, as a linear layer's output would be. The routing
+    weights multiply the expert outputs when the k copies of a token are combined.
+    ``last_dropped`` ([] int64) counts the copies of this rank's tokens the capacity dropped
+    in the last forward.
     """
 
     def __init__(self, router: RouterConfig, config: MoEConfig, *, device=None, dtype=None):
@@ -104,7 +119,11 @@ class MoE(nn.Module):
         # copies over capacity, for metrics: each expert keeps min(count, C) of this rank's
         self.last_dropped = ((route.counts - cap["capacity"]).clamp(min=0).sum() if cap
                              else route.counts.new_zeros(()))
-        out = self.dispatcher(self, tokens, route.probs.to(tokens.dtype), route.indices)
+        # The router read the tokens as they came (in its own dtype); the routed copies, the
+        # collectives that carry them and the experts run in the compute dtype. The combine
+        # weights stay the router's fp32: unpermute accumulates in fp32 and rounds once.
+        routed = tokens.to(token_dtype(tokens))
+        out = self.dispatcher(self, routed, route.probs, route.indices)
         if self.shared_expert is not None:
-            out = out + self.shared_expert(tokens)
+            out = out + self.shared_expert(routed)
         return out.reshape(shape)

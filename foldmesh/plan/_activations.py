@@ -20,9 +20,11 @@ micro-batch of the step (``pipeline_buffers``).
 
 Two regimes: "pure" (FSDP2's ``param_dtype`` = compute dtype, or fp32) keeps every
 activation in the compute dtype, with RMSNorm and RoPE computing in fp32 inside; replication
-with bf16 runs under ``torch.autocast`` on CUDA (the trainer's ``_autocast``), where the
-residual stream, the norms and the whole MoE token path stay fp32 and each linear layer
-saves its own bf16 copy of its input. ``backend`` picks the kernels: "cuda" (Triton
+with bf16 runs under ``torch.autocast`` (the trainer's ``_autocast``, on CUDA and CPU), where
+the residual stream, the norms and the router stay fp32, each linear layer saves its own
+bf16 copy of its input, and the MoE layer casts its routed tokens to bf16 once: the dispatch
+and the experts run in bf16, and the experts' GEMMs save the bf16 copies of their weights
+(one per micro-batch, counted in the "moe" term). ``backend`` picks the kernels: "cuda" (Triton
 permute/unpermute/grouped GEMM/SwiGLU, flash attention: what an H100 run saves) or "cpu"
 (the torch reference kernels and CPU SDPA the CPU tests run). docs/planner_activations.md has
 the per-term table and what was measured.
@@ -151,11 +153,9 @@ class _Regime:
 def _regime(workload: Workload, layout: Layout, backend: str) -> _Regime:
     a = workload.act_bytes
     if layout.data_parallel == "replicate" and a < F32:
-        if backend == "cuda":  # torch.autocast: fp32 weights, bf16 matmuls
-            # the Triton grouped GEMM is an autograd.Function autocast does not cast: the
-            # fp32 tokens of the fp32 residual stream go through the experts in fp32
-            return _Regime(act=a, resid=F32, moe=F32, autocast=True, backend=backend)
-        a = F32  # the trainer autocasts on CUDA only: on CPU replication runs in fp32
+        # torch.autocast: fp32 weights and residual stream, bf16 matmuls; the MoE layer
+        # casts its routed tokens to bf16 itself (foldmesh.moe.layer.token_dtype)
+        return _Regime(act=a, resid=F32, moe=a, autocast=True, backend=backend)
     return _Regime(act=a, resid=a, moe=a, autocast=False, backend=backend)
 
 
@@ -230,21 +230,14 @@ def _moe(z: _Shapes, p: _Regime) -> dict[str, int]:
     rb = ROUTER_BYTES[cfg.router_dtype]
     m = p.moe
     moe = _norm(T, H, p.resid, p.resid)  # ffn_norm; its output y [T, H] is the MoE's input
-    y_saved = False
-    # router: logits = y.to(router dtype) @ w.t(); the matmul saves its input (y itself when
-    # the dtypes agree) and a cast copy of the weight when the parameter dtype differs
-    if p.autocast:
-        # autocast casts both to bf16 (the weight's copy is counted in autocast_weights):
-        # the router's matmul runs in bf16 whatever router_dtype says. CUDA's autocast
-        # runs softmax in fp32 (CPU's does not: T·E·2 bytes less on CPU).
-        moe += T * H * p.act
-        sm = F32  # softmax outputs
-        lb = sm if cfg.softmax_over_all else p.act
-    else:
-        moe += T * H * rb
-        y_saved = p.resid == rb
-        moe += E * H * rb if p.act != rb else 0
-        sm = lb = rb
+    # router, with autocast off (moe/router.py): logits = y.to(router dtype) @ w.t(); the
+    # matmul saves its input (y itself when the dtypes agree) and a cast copy of the weight
+    # when the parameter dtype (fp32 under autocast) differs
+    param = F32 if p.autocast else p.act
+    moe += T * H * rb
+    y_saved = p.resid == rb
+    moe += E * H * rb if param != rb else 0
+    sm = lb = rb
     # gather saves its full input (the logits, or the softmax over E when Qwen-style) and
     # the indices; Mixtral-style softmax over the k chosen saves its result
     moe += T * E * lb + T * k * I64
@@ -263,32 +256,38 @@ def _moe(z: _Shapes, p: _Regime) -> dict[str, int]:
         moe += R * H * m + R * 2 * Fe * m + R * Fe * m + z.El * I64  # + the GEMMs' offsets
     else:
         moe += R * H * m + R * 2 * Fe * max(m, F32) + R * Fe * max(m, F32) + R * Fe * m
+    if param != m:  # the GEMMs save the weights' per-micro-batch casts (w_gate, w_up, w_down)
+        moe += 3 * z.El * H * Fe * m
+    # the shared expert reads the routed tokens: y itself, or its cast to m under autocast
+    routed_is_y, routed_saved = m == p.resid, False
     if cfg.shared_ffn_size:
         fs = cfg.shared_ffn_size
-        if f.tp > 1:  # all-gathered over tp, saved by gate_proj and up_proj
-            moe += (2 if p.autocast else 1) * f.tp * T * H * p.act
-        elif p.autocast:
-            moe += 2 * T * H * p.act
+        if f.tp > 1:  # all-gathered over tp, saved once by gate_proj and up_proj
+            moe += f.tp * T * H * m
+        elif not routed_is_y:
+            moe += T * H * m
+            routed_saved = True
         elif not y_saved:
             moe += T * H * p.resid
             y_saved = True
         moe += 4 * T * fs * p.act
         if cfg.shared_gate:  # sigmoid(gate(y)) * mlp(y): y, the sigmoid and the MLP output
-            if p.autocast:
-                moe += T * H * p.act
-            elif not y_saved:
+            if not routed_is_y and not routed_saved:
+                moe += T * H * m
+            elif routed_is_y and not y_saved:
                 moe += T * H * p.resid
             moe += T * p.act + T * H * p.act
     # dispatch: routing indices and the rows the combine reads back
     if p.backend == "cuda":
         # Triton permute saves row_map [T, k]; unpermute saves the combine weights, row_map,
         # row_copy [N] (a view of N + 1 slots when a capacity is set) and the expert outputs
-        # y [N, H]; sort_chunks its split sizes [etp·E]. The weights are the router's own
-        # output (already counted) unless cast, normalised or taken from a softmax over E.
+        # y [N, H]; sort_chunks its split sizes [etp·E]. The weights (the router's fp32
+        # output, never cast) are already counted unless normalised or taken from a softmax
+        # over E.
         spare = 1 if cfg.capacity_factor is not None else 0
         dispatch = T * k * I64 + (N + spare) * I64 + N * H * m + f.etp * E * I64
-        if m != rb or cfg.softmax_over_all or cfg.normalize_topk:
-            dispatch += T * k * m
+        if cfg.softmax_over_all or cfg.normalize_topk:
+            dispatch += T * k * F32
     else:
         # index_select saves its index: permute [N], two chunk sorts [R]; the combine's bmm
         # saves the gathered rows [T·k, H] and weights [T·k] (fp32 for 16-bit), plus the
@@ -310,16 +309,15 @@ def _block(z: _Shapes, p: _Regime, layer: int, cp_rank: int) -> dict[str, int]:
 
 
 def _cast_weights(z: _Shapes, layer: int) -> int:
-    """Elements of the weights of one block that its linear layers (and the router's
-    matmul) use: what autocast casts to bf16 (the experts' GEMMs are autograd Functions it
-    does not cast)."""
+    """Elements of the weights of one block that its linear layers use: what autocast casts
+    to bf16 and caches (the router runs with autocast off; the experts cast their own weights
+    per micro-batch, counted in the "moe" term)."""
     cfg, tp = z.cfg, z.fold.tp
     h, d = cfg.hidden_size, z.D
     # (biases are cast too, but addmm's backward does not save them)
     out = h * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * d // tp
     if not cfg.is_moe(layer):
         return out + 3 * h * cfg.ffn_size // tp
-    out += cfg.num_experts * h
     if cfg.shared_ffn_size:
         out += 3 * h * cfg.shared_ffn_size // tp + (h if cfg.shared_gate else 0)
     return out

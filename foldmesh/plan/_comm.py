@@ -186,7 +186,9 @@ def step_collectives(workload: Workload, layout: Layout, rank: int = 0, *,
     fsdp = layout.data_parallel == "fsdp"
     compute = workload.act_bytes
     # FSDP2 computes in its param_dtype; replication keeps fp32 weights under autocast, so
-    # the residual stream and norm outputs stay fp32 while matmul outputs are compute dtype
+    # the residual stream and norm outputs stay fp32 while matmul outputs are compute dtype.
+    # The MoE layer casts its routed tokens to the compute dtype either way (moe/layer.py):
+    # its dispatch, combine and shared-expert input travel in it.
     stream = compute if fsdp else FP32
     weight = compute if fsdp else FP32
     tokens = b * s_len // (f.cp * f.tp)  # T
@@ -233,7 +235,7 @@ def step_collectives(workload: Workload, layout: Layout, rank: int = 0, *,
         else:
             alltoall_dispatch(label)
         if cfg.shared_ffn_size:
-            st.pair("all_gather", "tp", tokens * h * stream, n, f"{label} shared in", ac)
+            st.pair("all_gather", "tp", tokens * h * compute, n, f"{label} shared in", ac)
             st.pair("reduce_scatter", "tp", f.tp * tokens * h * compute, n,
                     f"{label} shared out", ac)
 
@@ -243,19 +245,20 @@ def step_collectives(workload: Workload, layout: Layout, rank: int = 0, *,
                 st.add("all_gather", "ep_etp", direction, cfg.num_experts * INT64, n,
                        f"{label} expert counts")
         sent, m = _moe_rows(workload, f, tokens)
-        st.pair("all_to_all", "ep", sent * h * stream, 2 * n, f"{label} dispatch/combine",
+        st.pair("all_to_all", "ep", sent * h * compute, 2 * n, f"{label} dispatch/combine",
                 ac)
-        st.pair("all_to_all", "etp", (f.etp - 1) * m * h * stream, 2 * n,
+        st.pair("all_to_all", "etp", (f.etp - 1) * m * h * compute, 2 * n,
                 f"{label} etp gather/scatter", ac)
 
     def allgather_dispatch(label: str) -> None:
         group, ranks = "ep_etp", f.ep * f.etp
-        st.pair("all_gather", group, tokens * h * stream, n, f"{label} tokens", ac)
-        st.pair("all_gather", group, tokens * cfg.topk * stream, n, f"{label} probs", ac)
+        st.pair("all_gather", group, tokens * h * compute, n, f"{label} tokens", ac)
+        # the combine weights are the router's fp32 output whatever the compute dtype
+        st.pair("all_gather", group, tokens * cfg.topk * FP32, n, f"{label} probs", ac)
         for direction in ("forward", "backward")[:2 if ac else 1]:
             st.add("all_gather", group, direction, tokens * cfg.topk * INT64, n,
                    f"{label} expert ids")
-        st.pair("reduce_scatter", group, ranks * tokens * h * stream, n, f"{label} combine",
+        st.pair("reduce_scatter", group, ranks * tokens * h * compute, n, f"{label} combine",
                 ac)
 
     # every dense layer of the rank's stages issues the same collectives, so does every MoE one

@@ -36,8 +36,9 @@ What runs differently from a GPU step, and why (all inside this module, undone a
   for backward): it runs as flash attention's meta kernel, which keeps q, k, v, the output
   and the log-sum-exp, as on a GPU.
 * CUDA autocast (how the trainer runs bf16 with replication) does not act on meta tensors:
-  a function mode casts the fp32 inputs of matrix products and attention as it would, and
-  pauses where the router turns autocast off.
+  a function mode casts the fp32 inputs of matrix products and attention as it would,
+  pauses where the router turns autocast off, and gives the MoE layer its token dtype
+  (``foldmesh.moe.layer.token_dtype``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ from ..data_parallel import apply_fsdp, clip_grad_norm_, reduce_gradients
 from ..kernels import capacity_for
 from ..loss import cross_entropy, local_cross_entropy
 from ..models import ModelConfig, Transformer
+from ..moe import layer as layer_module
 from ..moe import router as router_module
 from ..parallelize import parallelize
 from ..pipeline import check_pipeline, split_model
@@ -377,7 +379,8 @@ def _step(parts, fm, workload: Workload, layout: Layout, phases: dict):
     # the router turns autocast off around its matmul (its precision is its own setting);
     # on meta that is a no-op, so here it pauses the mode's casts instead
     no_autocast = (router_module, "_no_autocast", lambda device_type: mode.paused())
-    with tracker, counter, mode, _patched(no_autocast):
+    token_dtype = (layer_module, "token_dtype", lambda x: mode.autocast or x.dtype)
+    with tracker, counter, mode, _patched(no_autocast, token_dtype):
         for part in parts:
             stage = getattr(part, "pipeline_stage", 0)
             labels = torch.empty(b, s, dtype=torch.int64, device="meta")

@@ -71,7 +71,7 @@ def measure(cfg) -> dict:
 
     trainer = Trainer(cfg)
     try:
-        trainer.train_step()
+        first = trainer.train_step()
         counter = CollectiveCounter(trainer.fm)
         with counter:
             trainer.train_step()
@@ -86,14 +86,15 @@ def measure(cfg) -> dict:
             gradients=sum(_local_bytes(p.grad) for p in params if p.grad is not None),
             optimizer=sum(_local_bytes(v) for opt in trainer.optimizers
                           for state in opt.state.values() for v in state.values()),
-            params_without_grad=sum(p.grad is None for p in params))
+            params_without_grad=sum(p.grad is None for p in params), loss=first["loss"])
     finally:
         trainer.log.close()
     trainer.fm.destroy()
     return out
 
 
-def check(pool, cfg) -> None:
+def check(pool, cfg) -> list[dict]:
+    """Every rank's measurement equals the planner's prediction; returns the measurements."""
     results = pool.run(measure, cfg)
     workload, layout = from_train_config(cfg, WORLD, "cpu")
     for rank, got in enumerate(results):
@@ -112,6 +113,7 @@ def check(pool, cfg) -> None:
         weights, gradients, optimizer = state_bytes(workload, layout, rank)
         assert (got["weights"], got["gradients"], got["optimizer"]) == (
             weights, gradients, optimizer), (layout, rank)
+    return results
 
 
 @settings(max_examples=10, deadline=None, database=None)
@@ -150,6 +152,24 @@ PINNED = [
 @pytest.mark.parametrize("fold,data_parallel,kw", PINNED, ids=lambda v: repr(v)[:40])
 def test_pinned_folds(pool, tmp_path, fold, data_parallel, kw):
     check(pool, make_config(fold, data_parallel, tmp_path, **kw))
+
+
+@pytest.mark.parametrize("data_parallel", ["fsdp", "replicate"])
+def test_bf16_halves_the_dispatch_bytes(pool, tmp_path, data_parallel):
+    """bf16 compute, as FSDP2's param_dtype or as replication's autocast, moves the MoE
+    tokens in bf16: the dispatch's all-to-alls over ep and etp carry exactly half of fp32's
+    bytes, the planner predicts both exactly, and the first step's loss stays within bf16
+    tolerance of fp32's."""
+    fold = Fold(tp=2, ep=2, etp=2)
+    runs = {dtype: check(pool, make_config(fold, data_parallel, tmp_path / dtype,
+                                           extra=["--training.dtype", dtype]))
+            for dtype in ("fp32", "bf16")}
+    for fp32, bf16 in zip(runs["fp32"], runs["bf16"], strict=True):
+        dispatch = [k for k in fp32["bytes"] if k[0] == "all_to_all"]
+        assert {k[1] for k in dispatch} == {"ep", "etp"}, dispatch
+        for key in dispatch:
+            assert 2 * bf16["bytes"][key] == fp32["bytes"][key], key
+        assert bf16["loss"] == pytest.approx(fp32["loss"], rel=1e-2)
 
 
 def test_dispatch_volume_is_figure_2s_minimum():
