@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..models import ModelConfig
+from ..models.rope import Yarn
 from ._names import ARCHITECTURES, CheckpointError
 
 # (rms_norm_eps, rope_theta) that transformers uses when config.json omits them.
@@ -52,14 +53,44 @@ def _architecture(hf: dict) -> str:
     )
 
 
-def _rope_theta(hf: dict, default: float) -> float:
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}  # the key before transformers 5
-    kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind != "default":
+def _rope(hf: dict, default: float) -> tuple[float, Yarn | None]:
+    """RoPE's theta and scaling from ``rope_parameters`` (transformers 5) or the older
+    top-level ``rope_theta`` and ``rope_scaling``."""
+    params = dict(hf.get("rope_parameters") or {})
+    params = {**(hf.get("rope_scaling") or {}), **params}
+    kind = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta", hf.get("rope_theta", default)))
+    if kind == "default":
+        return theta, None
+    if kind != "yarn":
         raise CheckpointError(f"config.json rope_type={kind!r} is not supported: foldmesh "
-                              "implements plain RoPE; use a checkpoint without RoPE scaling")
-    return float(params.get("rope_theta", hf.get("rope_theta", default)))
+                              "implements plain RoPE and YaRN ('yarn')")
+    original = _need(params, "original_max_position_embeddings")
+    factor = params.get("factor")
+    if factor is None:  # DeepSeek-style: the ratio of the two context lengths
+        factor = _need(hf, "max_position_embeddings") / original
+    return theta, Yarn(
+        factor=float(factor), original_max_position=int(original),
+        beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1),
+        mscale=float(params.get("mscale") or 1),
+        mscale_all_dim=float(params.get("mscale_all_dim") or 0),
+        attention_factor=params.get("attention_factor"),
+        truncate=bool(params.get("truncate", True)))
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    y = cfg.rope_scaling
+    if y is None:
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    out = {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": y.factor,
+           "original_max_position_embeddings": y.original_max_position,
+           "beta_fast": y.beta_fast, "beta_slow": y.beta_slow, "truncate": y.truncate}
+    if y.mscale and y.mscale_all_dim:
+        out.update(mscale=y.mscale, mscale_all_dim=y.mscale_all_dim)
+    if y.attention_factor is not None:
+        out["attention_factor"] = y.attention_factor
+    return out
 
 
 def _check_attention(hf: dict, model_type: str) -> None:
@@ -86,14 +117,15 @@ def config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
     model_type = ARCHITECTURES[arch]
     _check_attention(hf, model_type)
     eps, theta = _DEFAULTS[model_type]
+    theta, rope_scaling = _rope(hf, theta)
     heads = _need(hf, "num_attention_heads")
     common = dict(
         vocab_size=_need(hf, "vocab_size"), hidden_size=_need(hf, "hidden_size"),
         num_layers=_need(hf, "num_hidden_layers"), num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim"),
         num_experts=_need(hf, "num_local_experts", "num_experts"),
-        topk=_need(hf, "num_experts_per_tok"), rope_theta=_rope_theta(hf, theta),
-        norm_eps=float(hf.get("rms_norm_eps", eps)),
+        topk=_need(hf, "num_experts_per_tok"),
+        rope_theta=theta, rope_scaling=rope_scaling, norm_eps=float(hf.get("rms_norm_eps", eps)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)),
     )
@@ -171,7 +203,7 @@ def hf_config_from(cfg: ModelConfig, architecture: str, base: dict | None = None
         hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
         head_dim=cfg.resolved_head_dim, hidden_act="silu", rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_parameters=_rope_parameters(cfg),
         tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
         num_experts_per_tok=cfg.topk,
     )

@@ -1,8 +1,9 @@
 """Decoder-only MoE transformers as plain modules, with named presets."""
 
 from .config import ModelConfig
-from .model import Attention, Block, RMSNorm, Transformer, causal_attention, rope
+from .model import Attention, Block, RMSNorm, Transformer, causal_attention
 from .presets import PRESETS, preset
+from .rope import Yarn, rope
 
 __all__ = [
     "PRESETS",
@@ -11,6 +12,7 @@ __all__ = [
     "ModelConfig",
     "RMSNorm",
     "Transformer",
+    "Yarn",
     "causal_attention",
     "preset",
     "rope",

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..moe import MoEConfig, RouterConfig
+from .rope import Yarn
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class ModelConfig:
     qk_norm: bool = False
     """RMSNorm over each head of q and k before RoPE (Qwen3)."""
     rope_theta: float = 10000.0
+    rope_scaling: Yarn | None = None
+    """YaRN context extension of RoPE (``foldmesh.models.rope.Yarn``; a dict of its fields
+    is accepted, as TOML gives it), or None for plain RoPE."""
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     """Use the embedding matrix as the output projection."""
@@ -75,6 +79,8 @@ class ModelConfig:
     """Standard deviation of the normal init of every weight."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", Yarn(**self.rope_scaling))
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                      "num_experts", "topk", "moe_every"):
             v = getattr(self, name)

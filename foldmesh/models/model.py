@@ -16,6 +16,7 @@ from torch import nn
 from ..moe import MoE
 from ..moe.experts import SwiGLU
 from .config import ModelConfig
+from .rope import rope
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -41,20 +42,6 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding, half-split convention: x [B, heads, L, D], positions [L] int64.
-
-    The frequencies are recomputed per call (D/2 values): no buffer to initialise after
-    ``to_empty``, and positions can be any subset of the sequence (context parallelism)."""
-    d, dt = x.shape[-1], _compute_dtype(x)
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=dt) / d)
-    angles = positions.to(dt)[:, None] * inv_freq[None]  # [L, D/2]
-    cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)  # [L, D]
-    x1, x2 = x.to(dt).chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.to(dt) * cos + rotated * sin).to(x.dtype)
-
-
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal SDPA; q [B, Hq, L, D], k/v [B, Hkv, L, D] -> [B, Hq, L, D]."""
     return F.scaled_dot_product_attention(q, k, v, is_causal=True,
@@ -73,6 +60,7 @@ class Attention(nn.Module):
         h, d = cfg.hidden_size, cfg.resolved_head_dim
         kw = dict(device=device, dtype=dtype)
         self.head_dim, self.theta, self.init_std = d, cfg.rope_theta, cfg.init_std
+        self.rope_scaling = cfg.rope_scaling
         self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias, **kw)
         self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, **kw)
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, **kw)
@@ -96,7 +84,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, L, D]
-        q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
+        q = rope(q, positions, self.theta, self.rope_scaling)
+        k = rope(k, positions, self.theta, self.rope_scaling)
         out = self.core(q, k, v).transpose(1, 2).reshape(b, n, -1)
         return self.o_proj(out)
 

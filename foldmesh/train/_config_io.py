@@ -55,6 +55,8 @@ def _describe(hint) -> str:
                            for a in typing.get_args(hint))
     if typing.get_origin(hint) is tuple:
         return f"an array, each {_describe(typing.get_args(hint)[0])}"
+    if dataclasses.is_dataclass(hint):
+        return f"a table of {hint.__name__}'s fields ({', '.join(typing.get_type_hints(hint))})"
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
              dict: "a table ({key = value, ...})"}
     return names.get(hint, getattr(hint, "__name__", str(hint)))
@@ -82,7 +84,9 @@ def coerce(value, hint, key: str):
                 try:
                     return coerce(value, arm, key)
                 except ConfigError:
-                    pass
+                    if dataclasses.is_dataclass(arm) and isinstance(value, dict):
+                        raise  # the table was meant for it: its own error names the field
+
     elif origin is tuple:
         if isinstance(value, (list, tuple)):
             return tuple(coerce(v, typing.get_args(hint)[0], f"{key}[{i}]")
@@ -99,6 +103,20 @@ def coerce(value, hint, key: str):
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+    elif dataclasses.is_dataclass(hint):  # a nested setting, e.g. ModelConfig.rope_scaling
+        if isinstance(value, hint):
+            return value
+        if isinstance(value, dict):
+            fields = typing.get_type_hints(hint)
+            for name in value:
+                if name not in fields:
+                    raise ConfigError(f"{key}.{name} is not a {hint.__name__} field"
+                                      f"{did_you_mean(name, fields)} (fields: "
+                                      f"{', '.join(fields)})")
+            try:
+                return hint(**{k: coerce(v, fields[k], f"{key}.{k}") for k, v in value.items()})
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{key}: {e}") from None
     elif isinstance(value, hint):  # str, dict
         return dict(value) if hint is dict else value
     raise ConfigError(f"{key} must be {_describe(hint)}, got {value!r}{_unquote_hint(value)}")

@@ -48,6 +48,19 @@ CASES = {
     "qwen3-tied": ("qwen3_moe", "Qwen3MoeForCausalLM",
                    dict(QWEN, head_dim=8, norm_topk_prob=True, tie_word_embeddings=True,
                         mlp_only_layers=[1])),
+    # YaRN: a blended pair range inside head_dim 16 (theta 100, original context 64), and
+    # DeepSeek's two-term magnitude; and the magnitude from the factor alone
+    "qwen3-yarn": ("qwen3_moe", "Qwen3MoeForCausalLM",
+                   dict(QWEN, head_dim=16, norm_topk_prob=True, max_position_embeddings=256,
+                        rope_parameters=dict(rope_type="yarn", rope_theta=100.0, factor=4.0,
+                                             original_max_position_embeddings=64,
+                                             beta_fast=8.0, beta_slow=0.5, mscale=1.0,
+                                             mscale_all_dim=0.5))),
+    "mixtral-yarn": ("mixtral", "MixtralForCausalLM",
+                     dict(intermediate_size=16, num_local_experts=4, head_dim=8,
+                          max_position_embeddings=128,
+                          rope_parameters=dict(rope_type="yarn", rope_theta=50.0, factor=2.0,
+                                               original_max_position_embeddings=64))),
 }
 TOL = dict(atol=1e-5, rtol=1e-4)
 
@@ -268,7 +281,7 @@ def test_missing_file(hf_checkpoint, tmp_path, missing):
 @pytest.mark.parametrize("kind,setting,value", [
     ("mixtral", "hidden_act", "gelu"),
     ("mixtral", "sliding_window", 4096),
-    ("mixtral", "rope_parameters", {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}),
+    ("mixtral", "rope_parameters", {"rope_type": "longrope", "rope_theta": 1e6}),
     ("qwen2", "use_sliding_window", True),
     ("qwen3", "attention_bias", True),
 ])
@@ -277,6 +290,16 @@ def test_unsupported_setting_named(hf_checkpoint, kind, setting, value):
     cfg[setting] = value
     with pytest.raises(CheckpointError, match=setting.split("_parameters")[0]):
         config_from_hf(cfg)
+
+
+def test_yarn_needs_its_original_context(hf_checkpoint):
+    cfg = json.loads((hf_checkpoint("mixtral")[0] / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}
+    with pytest.raises(CheckpointError, match="original_max_position_embeddings"):
+        config_from_hf(cfg)
+    with pytest.raises(ValueError, match="Yarn.factor"):
+        replace(PRESETS["debug-mixtral"], rope_scaling={"factor": 0.5,
+                                                        "original_max_position": 64})
 
 
 @pytest.mark.parametrize("preset,arch,setting", [

@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from foldmesh import apply_fsdp, from_pretrained, natural_order
+from foldmesh import Fold, apply_fsdp, from_pretrained, natural_order
 from foldmesh.testing import RankPool, assert_close_to_reference, folded_mesh, folds
 
 transformers = pytest.importorskip("transformers")
@@ -20,8 +20,14 @@ FAMILIES = {  # 8 experts, 2 kv heads: every ep and etp of 8 ranks, tp <= 2
     "qwen2": dict(model_type="qwen2_moe", num_experts=8, moe_intermediate_size=8,
                   shared_expert_intermediate_size=16, intermediate_size=32,
                   mlp_only_layers=[0]),
+    # with YaRN: 16 positions, 4x the original 4, a blended pair range (the pairs are
+    # rotated per rank's positions under cp)
     "qwen3": dict(model_type="qwen3_moe", num_experts=8, moe_intermediate_size=8,
-                  head_dim=8, norm_topk_prob=True, tie_word_embeddings=True),
+                  head_dim=8, norm_topk_prob=True, tie_word_embeddings=True,
+                  max_position_embeddings=16,
+                  rope_parameters=dict(rope_type="yarn", rope_theta=100.0, factor=4.0,
+                                       original_max_position_embeddings=4, beta_fast=2.0,
+                                       beta_slow=0.25)),
 }
 SETTINGS = settings(max_examples=6, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -88,3 +94,9 @@ def pool8(pool4):
        fsdp=st.booleans())
 def test_from_pretrained_on_8_ranks(pool8, checkpoints, fold, family, fsdp):
     run(pool8, checkpoints, fold, family, fsdp)
+
+
+def test_yarn_under_context_parallelism(pool8, checkpoints):
+    """A pinned fold for the YaRN family: cp 2 (load-balanced chunks, positions per rank)
+    with tp 2 and the experts over ep 4."""
+    run(pool8, checkpoints, Fold(tp=2, cp=2, ep=4).resolve(8), "qwen3", False)

@@ -329,3 +329,17 @@ def test_overrides_do_not_change_the_presets():
     leak into the next (it did, through the shared nested dict)."""
     load_config(["--preset", "debug", "--model.overrides.dense_layers", "[1]"])
     assert "dense_layers" not in load_config(["--preset", "debug"]).model.overrides
+
+
+def test_rope_scaling_is_a_table_of_yarn_fields(toml_file):
+    path = toml_file("[model.overrides]\n"
+                     "rope_scaling = { factor = 4, original_max_position = 16 }\n")
+    cfg = load_config(["--preset", "debug", "--config", path])
+    yarn = model_config(cfg).rope_scaling
+    assert (yarn.factor, yarn.original_max_position, yarn.beta_fast) == (4.0, 16, 32.0)
+    # the run config written to disk reads back to the same model
+    assert model_config(config_from_dict(config_to_dict(cfg))).rope_scaling == yarn
+    bad = ["--preset", "debug", "--model.overrides.rope_scaling"]
+    assert "did you mean 'factor'" in error(load_config, [*bad, "{factr = 2}"])
+    assert "Yarn.factor must be >= 1" in error(
+        lambda a: model_config(load_config(a)), [*bad, "{factor = 0.5, original_max_position = 8}"])
