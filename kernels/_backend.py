@@ -2,13 +2,20 @@
 
 Every public op takes ``backend: str | None``. The choice is made in this order:
 
-1. the ``backend`` argument, when it is ``"triton"`` or ``"torch"``;
-2. the environment variable ``FOLDMESH_KERNELS`` (``"triton"``, ``"torch"`` or ``"auto"``);
-3. auto: ``"triton"`` when Triton imports, the input lives on CUDA and its dtype is one the
-   Triton kernels support (float16, bfloat16, float32); ``"torch"`` otherwise.
+1. the ``backend`` argument, when it is ``"triton"``, ``"torch"`` or ``"grouped_mm"``;
+2. the environment variable ``FOLDMESH_KERNELS`` (``"triton"``, ``"torch"``, ``"grouped_mm"``
+   or ``"auto"``);
+3. auto: ``"torch"`` unless the input lives on CUDA in a dtype the Triton kernels support
+   (float16, bfloat16, float32). On CUDA, the grouped GEMMs (``grouped_gemm``,
+   ``swiglu_experts``) take the backend measured fastest for this GPU family at the nearest
+   shape in the shipped table (``_table.measured_backend``); without a row for the family,
+   and for every other op, ``"triton"`` when Triton imports, ``"torch"`` otherwise. Nothing is
+   timed at run time.
 
-Forcing ``"triton"`` on CPU tensors is allowed only under ``TRITON_INTERPRET=1`` (the Triton
-interpreter), which is how the CPU test suite runs the kernels.
+``"grouped_mm"`` (``torch._grouped_mm``, see ``_grouped_mm``) exists only for the grouped GEMMs:
+passing it to another op raises, while ``FOLDMESH_KERNELS=grouped_mm`` leaves the other ops on
+auto. Forcing ``"triton"`` on CPU tensors is allowed only under ``TRITON_INTERPRET=1`` (the
+Triton interpreter), which is how the CPU test suite runs the kernels.
 
 Nothing here imports Triton at module import time: ``foldmesh.kernels`` must import on machines
 without Triton, and Triton reads ``TRITON_INTERPRET`` when a kernel is *defined*, so the modules
@@ -23,11 +30,13 @@ import os
 
 import torch
 
-__all__ = ["kernel_backend", "triton_available", "interpreter_problem", "interpret_mode",
-           "ENV_VAR", "BACKENDS"]
+__all__ = ["kernel_backend", "auto_backend", "triton_available", "interpreter_problem",
+           "interpret_mode", "ENV_VAR", "BACKENDS", "GEMM_OPS"]
 
 ENV_VAR = "FOLDMESH_KERNELS"
-BACKENDS = ("triton", "torch")
+BACKENDS = ("triton", "torch", "grouped_mm")
+# The ops "grouped_mm" and the measured table apply to.
+GEMM_OPS = ("grouped_gemm", "swiglu_experts")
 # dtypes the Triton kernels are written for; tl.dot has no float64 path on Hopper tensor cores.
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -72,38 +81,93 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
-def _requested(backend: str | None) -> str:
-    choice = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+def _requested(backend: str | None, op: str | None) -> str:
+    from_env = backend is None
+    choice = os.environ.get(ENV_VAR, "auto") if from_env else backend
     choice = choice.strip().lower() or "auto"
     if choice not in (*BACKENDS, "auto"):
         raise ValueError(
-            f"unknown kernel backend {choice!r}: expected 'triton', 'torch', 'auto' or None"
+            f"unknown kernel backend {choice!r}: expected 'triton', 'torch', 'grouped_mm', "
+            "'auto' or None"
+        )
+    if choice == "grouped_mm" and op not in GEMM_OPS:
+        if from_env:
+            return "auto"  # FOLDMESH_KERNELS=grouped_mm picks the GEMM backend only
+        raise ValueError(
+            f"kernel backend 'grouped_mm' (torch._grouped_mm) exists only for {GEMM_OPS}; "
+            "pass 'triton', 'torch' or 'auto' to the row-moving ops and swiglu"
         )
     return choice
 
 
-def kernel_backend(x: torch.Tensor | None = None, backend: str | None = None) -> str:
-    """Resolve the backend (``"triton"`` or ``"torch"``) for an op whose main input is ``x``.
+def auto_backend(
+    device: torch.device,
+    dtype: torch.dtype,
+    op: str | None = None,
+    *,
+    k: int | None = None,
+    n: int | None = None,
+    groups: int | None = None,
+    rows: int | None = None,
+) -> str:
+    """What ``"auto"`` means for an op whose main input has this device and dtype.
 
     Args:
-        x: the op's main input; its device and dtype drive the automatic choice.
-        backend: ``"triton"``, ``"torch"``, ``"auto"`` or None (None defers to the environment).
+        device, dtype: of the op's main input.
+        op: ``"grouped_gemm"`` or ``"swiglu_experts"`` to consult the measured table, with
+            k, n, groups (the weight dims: K, M, G for grouped_gemm; H, F, G for
+            swiglu_experts) and rows (N, the rows of x); None for the other ops.
+
+    Returns:
+        ``"torch"`` off CUDA or for other dtypes; on CUDA the table's answer for the grouped
+        GEMMs, else ``"triton"`` (``"torch"`` when Triton does not import).
+    """
+    if torch.device(device).type != "cuda" or (dtype.is_floating_point
+                                               and dtype not in TRITON_DTYPES):  # fmt: skip
+        return "torch"
+    fallback = "triton" if triton_available() else "torch"
+    if op in GEMM_OPS and None not in (k, n, groups, rows):
+        from ._table import measured_backend
+
+        best = measured_backend(op, device, k=k, n=n, groups=groups, rows=rows)
+        if best in ("grouped_mm", "torch"):
+            return best
+    return fallback
+
+
+def kernel_backend(
+    x: torch.Tensor | None = None,
+    backend: str | None = None,
+    *,
+    op: str | None = None,
+    k: int | None = None,
+    n: int | None = None,
+    groups: int | None = None,
+) -> str:
+    """Resolve the backend (``"triton"``, ``"torch"`` or ``"grouped_mm"``) for an op on ``x``.
+
+    Args:
+        x: the op's main input; its device, dtype and row count drive the automatic choice.
+        backend: ``"triton"``, ``"torch"``, ``"grouped_mm"``, ``"auto"`` or None (None defers
+            to the environment).
+        op: ``"grouped_gemm"`` or ``"swiglu_experts"`` for the grouped GEMMs (which accept
+            ``"grouped_mm"`` and read the measured table), with their weight dims k, n,
+            groups (see ``auto_backend``); None for the other ops.
 
     Raises:
+        ValueError: an unknown backend, or ``"grouped_mm"`` passed to an op other than the
+            grouped GEMMs.
         RuntimeError: ``"triton"`` was forced but Triton is missing, or ``x`` is a CPU tensor and
             the Triton interpreter is off.
     """
-    choice = _requested(backend)
-    if choice == "torch":
-        return "torch"
+    choice = _requested(backend, op)
+    if choice in ("torch", "grouped_mm"):
+        return choice  # grouped_mm checks its own rules and falls back with a logged reason
     if choice == "auto":
-        usable = (
-            x is not None
-            and x.is_cuda
-            and (not x.is_floating_point() or x.dtype in TRITON_DTYPES)
-            and triton_available()
-        )
-        return "triton" if usable else "torch"
+        if x is None:
+            return "torch"
+        rows = x.shape[0] if x.dim() > 0 else None
+        return auto_backend(x.device, x.dtype, op, k=k, n=n, groups=groups, rows=rows)
     if not triton_available():
         raise RuntimeError("kernel backend 'triton' was requested but triton cannot be imported")
     if x is not None and not x.is_cuda and not interpret_mode():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import kernel_backend
+from ._backend import auto_backend, kernel_backend
 from ._ops import grouped_gemm
 
 __all__ = ["swiglu", "swiglu_ref", "swiglu_experts"]
@@ -66,7 +66,10 @@ def swiglu_experts(
             past ``counts.sum()`` give zero rows.
         probs: [N] per-row weights applied before the down projection (e.g.
             ``PermuteMap.probs``), or None.
-        backend: "triton", "torch", "auto" or None.
+        backend: "triton", "torch", "grouped_mm", "auto" or None. With "grouped_mm" both
+            GEMMs run on ``torch._grouped_mm`` (each falling back on its own, logged, where
+            its rules exclude the case) and the activation runs on the Triton ``swiglu`` on
+            CUDA when Triton imports, on ``swiglu_ref`` otherwise.
 
     Returns:
         [N, H] in x.dtype; differentiable in x, both weights and probs.
@@ -74,7 +77,10 @@ def swiglu_experts(
     if w_gate_up.dim() != 3 or w_down.dim() != 3 or w_gate_up.shape[2] != 2 * w_down.shape[1]:
         raise ValueError(f"need w_gate_up [G, H, 2F] and w_down [G, F, H], got "
                          f"{tuple(w_gate_up.shape)}, {tuple(w_down.shape)}")  # fmt: skip
-    backend = kernel_backend(x, backend)
+    groups, hidden, ffn = w_down.shape[0], w_gate_up.shape[1], w_down.shape[1]
+    backend = kernel_backend(x, backend, op="swiglu_experts", k=hidden, n=ffn, groups=groups)
+    # The activation has no grouped_mm kernel: it takes what auto means for h's device.
+    act = auto_backend(x.device, x.dtype) if backend == "grouped_mm" else backend
     offsets = torch.cumsum(counts, 0)
     h = grouped_gemm(x, w_gate_up, offsets, backend=backend)
-    return grouped_gemm(swiglu(h, probs, backend=backend), w_down, offsets, backend=backend)
+    return grouped_gemm(swiglu(h, probs, backend=act), w_down, offsets, backend=backend)

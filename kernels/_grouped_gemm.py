@@ -17,15 +17,31 @@ g owns rows ``offsets[g-1]:offsets[g]`` (group 0 starts at row 0).
 
 Accumulation is float32 for every input dtype. float32 inputs use TF32 only when
 ``torch.backends.cuda.matmul.allow_tf32`` allows it, as torch.matmul does.
+
+Autotuning (what a first step costs): each kernel is tuned once per key, and the keys are the
+weight dims K, M, G (plus the dtypes, which Triton adds), never N: the token count may change
+from step to step, the weights do not. Before tuning, ``_prune_*`` drops the candidates that
+cannot win for the key: tiles wider than the problem (BLOCK_N past M, BLOCK_K past K, rounded
+up to powers of two) and tiles whose pipelined operands overflow shared memory (float32
+operands need twice the bytes, so most Hopper bf16 tiles cannot run for them and would only
+cost a compile). Triton's on-disk cache of autotune results (``cache_results=True`` where this
+Triton has it, 3.2 and later) keeps the winners across processes, so only the first run on a
+machine benchmarks. ``FOLDMESH_AUTOTUNE=0`` skips benchmarking altogether (first fitting
+candidate).
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ._backend import check_triton_dtype, interpret_mode
+from ._grouped_gemm_ref import check_grouped_gemm_args
 
 __all__ = ["grouped_gemm_fwd", "grouped_gemm_wgrad", "grouped_gemm_triton"]
 
@@ -47,33 +63,96 @@ def _configs(
     ]
 
 
-_FWD_CONFIGS = _configs(
-    ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"),
-    [
-        (128, 256, 64, 8, 8, 3),
-        (128, 128, 64, 8, 8, 4),
-        (128, 128, 64, 8, 4, 4),
-        (64, 256, 64, 8, 4, 4),
-        (128, 64, 64, 8, 4, 4),
-        (64, 128, 64, 8, 4, 3),
-    ],
-    small=(32, 32, 32, 4),
-)
+_FWD_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+_FWD_HOPPER = [
+    (128, 256, 64, 8, 8, 3),
+    (128, 128, 64, 8, 8, 4),
+    (128, 128, 64, 8, 4, 4),
+    (64, 256, 64, 8, 4, 4),
+    (128, 64, 64, 8, 4, 4),
+    (64, 128, 64, 8, 4, 3),
+]
+_FWD_CONFIGS = _configs(_FWD_NAMES, _FWD_HOPPER, small=(32, 32, 32, 4))
 # The weight-gradient tile is BLOCK_K x BLOCK_N of dw[g]; BLOCK_R rows are reduced per step.
-_WGRAD_CONFIGS = _configs(
-    ("BLOCK_K", "BLOCK_N", "BLOCK_R"),
-    [
-        (128, 256, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 128, 32, 4, 4),
-        (64, 128, 64, 4, 4),
-    ],
-    small=(32, 32, 32),
-)
+_WGRAD_NAMES = ("BLOCK_K", "BLOCK_N", "BLOCK_R")
+_WGRAD_HOPPER = [
+    (128, 256, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 32, 4, 4),
+    (64, 128, 64, 4, 4),
+]
+_WGRAD_CONFIGS = _configs(_WGRAD_NAMES, _WGRAD_HOPPER, small=(32, 32, 32))
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["K", "M", "G"])
-@triton.jit
+@functools.cache
+def _shared_memory(device_index: int) -> int:
+    """Bytes of shared memory one program may use on this GPU (227 KiB on H100/H200)."""
+    try:
+        from triton.runtime import driver
+
+        return int(driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
+    except Exception:  # an older driver API: assume Hopper's opt-in limit
+        return 232448
+
+
+def _keep(configs: list, fits) -> list:
+    kept = [c for c in configs if fits(c.kwargs, c.num_stages)]
+    # Never prune everything: the narrowest tile (in M, then K: the problem dims) always runs.
+    kept = kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
+                                                 _volume(c.kwargs), c.num_stages))]  # fmt: skip
+    # FOLDMESH_AUTOTUNE=0: no benchmarking, the first candidate that fits (the lists are in
+    # order of preference), so a first step costs one compile per kernel variant.
+    return kept[:1] if os.environ.get("FOLDMESH_AUTOTUNE", "1").strip() == "0" else kept
+
+
+def _volume(kw: dict) -> int:
+    out = 1
+    for name, v in kw.items():
+        out *= v if name.startswith("BLOCK") else 1
+    return out
+
+
+def _cap(n: int) -> int:
+    return max(16, triton.next_power_of_2(max(n, 1)))
+
+
+def _pruner(stage_elems):
+    """An ``early_config_prune`` that drops tiles wider than M (BLOCK_N) or deeper than K
+    (BLOCK_K), and tiles whose ``num_stages`` copies of ``stage_elems(kwargs)`` operand elements
+    overflow shared memory."""
+
+    def prune(configs, named_args, **kwargs):
+        x = named_args["x_ptr"]
+        m_cap, k_cap = _cap(named_args["M"]), _cap(named_args["K"])
+        smem = _shared_memory(x.device.index or 0) if x.is_cuda else None
+
+        def fits(kw, stages):
+            if kw["BLOCK_N"] > m_cap or kw["BLOCK_K"] > k_cap:
+                return False
+            return smem is None or stages * stage_elems(kw) * x.element_size() <= smem
+
+        return _keep(configs, fits)
+
+    return prune
+
+
+# Per stage the forward holds an x tile BLOCK_M x BLOCK_K and a w tile BLOCK_K x BLOCK_N ...
+_prune_fwd = _pruner(lambda kw: (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"])
+# ... and the weight gradient an x^T tile BLOCK_K x BLOCK_R and a dy tile BLOCK_R x BLOCK_N.
+_prune_wgrad = _pruner(lambda kw: (kw["BLOCK_K"] + kw["BLOCK_N"]) * kw["BLOCK_R"])
+
+
+def _autotune(configs: list, prune):
+    # Keys are weight dims only (see the module docstring). cache_results: Triton >= 3.2.
+    options = dict(configs=configs, key=["K", "M", "G"],
+                   prune_configs_by={"early_config_prune": prune})  # fmt: skip
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        options["cache_results"] = True
+    return triton.autotune(**options)
+
+
+@_autotune(_FWD_CONFIGS, _prune_fwd)
+@triton.jit(do_not_specialize=["N"])
 def _grouped_gemm_kernel(
     x_ptr, w_ptr, y_ptr, offs_ptr,
     N, K, M, G,
@@ -130,7 +209,7 @@ def _grouped_gemm_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=_WGRAD_CONFIGS, key=["K", "M", "G"])
+@_autotune(_WGRAD_CONFIGS, _prune_wgrad)
 @triton.jit
 def _grouped_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr, offs_ptr,
@@ -181,12 +260,9 @@ def _dot_flags(dtype: torch.dtype) -> dict:
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> None:
-    if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"need x [N, K] and w [G, K, M], got {tuple(x.shape)}, {tuple(w.shape)}")
+    check_grouped_gemm_args(x, w, offsets)
     if x.dtype != w.dtype:
         raise TypeError(f"x and w must share a dtype, got {x.dtype} and {w.dtype}")
-    if offsets.shape != (w.shape[0],):
-        raise ValueError(f"offsets must be [G] = [{w.shape[0]}], got {tuple(offsets.shape)}")
 
 
 def grouped_gemm_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

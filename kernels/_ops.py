@@ -4,16 +4,17 @@ Dimension legend: T tokens, k top-k slots, E experts (local experts for ``sort_c
 H hidden size, C per-expert capacity, N permuted rows, R ranks, G groups, K reduction size,
 M output columns.
 
-Every op takes ``backend`` ("triton", "torch", "auto" or None; see ``_backend``). The modules
-that define Triton kernels are imported inside the branches that use them, never at import time
-(``_chunks`` defers its own Triton import the same way).
+Every op takes ``backend`` ("triton", "torch", "auto" or None; ``grouped_gemm`` also
+"grouped_mm"; see ``_backend``). The modules that define Triton kernels are imported inside the
+branches that use them, never at import time (``_chunks`` defers its own Triton import the same
+way).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._backend import kernel_backend
+from ._backend import auto_backend, kernel_backend
 from ._chunks import sort_chunks_ref, sort_chunks_triton
 from ._grouped_gemm_ref import grouped_gemm_ref
 from ._permute_ref import permute_ref, unpermute_ref
@@ -135,15 +136,37 @@ def grouped_gemm(
         x: [N, K]; w: [G, K, M] in x.dtype.
         offsets: [G] int device tensor, inclusive cumulative sum of the group sizes (empty
             groups allowed); rows past ``offsets[-1]`` give zero rows.
-        backend: "triton", "torch", "auto" or None. The torch path reads the group sizes on
-            the host (free on CPU, a sync on CUDA); the Triton path does not.
+        backend: "triton", "torch", "grouped_mm", "auto" or None. The torch path reads the
+            group sizes on the host (free on CPU, a sync on CUDA); the Triton and grouped_mm
+            paths do not. "grouped_mm" (``torch._grouped_mm``) falls back to the next backend
+            (triton on CUDA, torch elsewhere) where its rules exclude the case, logging why.
 
     Returns:
         y [N, M] in x.dtype, accumulated in float32 for 16-bit inputs. Differentiable in x
         and w; groups without rows get a zero weight gradient.
     """
-    if kernel_backend(x, backend) == "triton":
+    groups, k_dim, m_dim = w.shape if w.dim() == 3 else (None, None, None)
+    backend = kernel_backend(x, backend, op="grouped_gemm", k=k_dim, n=m_dim, groups=groups)
+    if backend == "grouped_mm":
+        backend = _grouped_mm_or_fallback(x, w, offsets)
+        if backend == "grouped_mm":
+            from ._grouped_mm import grouped_gemm_grouped_mm
+
+            return grouped_gemm_grouped_mm(x, w, offsets)
+    if backend == "triton":
         from ._grouped_gemm import grouped_gemm_triton
 
         return grouped_gemm_triton(x, w, offsets)
     return grouped_gemm_ref(x, w, offsets)
+
+
+def _grouped_mm_or_fallback(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> str:
+    """``"grouped_mm"`` when torch._grouped_mm takes the case, else the next backend (logged)."""
+    from ._grouped_mm import grouped_mm_problem, log_fallback
+
+    problem = grouped_mm_problem(x, w, offsets)
+    if problem is None:
+        return "grouped_mm"
+    fallback = auto_backend(x.device, x.dtype)  # triton on CUDA (when it imports), else torch
+    log_fallback(problem, fallback)
+    return fallback

@@ -12,7 +12,13 @@ Tolerances (``assert_close``), comparing a kernel in ``dtype`` with the float64 
 * bfloat16: rtol 2e-2, atol 2e-2 x the largest expected magnitude: inputs are bfloat16, the
   kernels accumulate in float32 and round the result once (bfloat16 has an 8-bit mantissa,
   one ulp is 0.4-0.8 %), and torch's CPU bfloat16 ops may round intermediates too;
+* float16 (only the grouped_mm backend takes it): rtol 2e-3, atol 2e-3 x the largest expected
+  magnitude (an 11-bit mantissa, one ulp is 0.05-0.1 %, and the result is rounded once);
 * float64 (reference gradcheck): ``torch.autograd.gradcheck`` defaults.
+
+Device: every test makes its inputs with a CPU generator (the same values everywhere) and runs
+the kernels on ``DEVICE``, CUDA when torch sees a GPU and CPU otherwise; the float64 naive
+references stay on CPU and ``assert_close`` brings results there to compare.
 """
 
 from __future__ import annotations
@@ -24,30 +30,47 @@ import torch
 import torch.nn.functional as F
 from foldmesh.kernels._backend import interpreter_problem
 
+
+def choose_device() -> torch.device:
+    """Where the kernel tests run: the GPU when torch sees one, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+DEVICE = choose_device()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 # Why the Triton kernels cannot run here (None when they can): on CPU they run through
 # Triton's interpreter (TRITON_INTERPRET=1), which some Triton/NumPy pairs cannot run.
 TRITON_SKIP = "triton missing" if not HAS_TRITON else (
-    None if torch.cuda.is_available() else interpreter_problem())
+    None if DEVICE.type == "cuda" else interpreter_problem())
 # Parametrisation shared by the tests.
 BACKENDS = [
     "torch",
     pytest.param("triton", marks=pytest.mark.skipif(TRITON_SKIP is not None,
                                                     reason=str(TRITON_SKIP))),
 ]
+# The grouped GEMMs (grouped_gemm, swiglu_experts) also take torch._grouped_mm.
+GEMM_BACKENDS = [
+    *BACKENDS,
+    pytest.param("grouped_mm", marks=pytest.mark.skipif(
+        not HAS_GROUPED_MM, reason=f"torch {torch.__version__} has no torch._grouped_mm")),
+]
 TOLERANCES = {
     torch.float32: (1e-4, 1e-4),
     torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (2e-3, 2e-3),
     torch.float64: (1e-10, 1e-10),
 }
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-    """Compare with the per-dtype tolerance above; atol scales with the expected magnitude."""
+    """Compare on the CPU in float64 with the per-dtype tolerance above; atol scales with the
+    expected magnitude."""
     rtol, atol = TOLERANCES[dtype]
-    expected = expected.to(torch.float64)
+    actual = actual.detach().to("cpu", torch.float64)
+    expected = expected.detach().to("cpu", torch.float64)
     scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.to(torch.float64), expected, rtol=rtol, atol=atol * scale)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale)
 
 
 def random_routing(
@@ -150,6 +173,13 @@ def naive_swiglu_experts(x, w_gate_up, w_down, sizes, probs=None):
     return naive_grouped_gemm(a, w_down, sizes)
 
 
-def leaf(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A fresh leaf copy that requires grad."""
-    return t.detach().to(dtype or t.dtype).clone().requires_grad_(True)
+def leaf(
+    t: torch.Tensor, dtype: torch.dtype | None = None, device: torch.device | None = None
+) -> torch.Tensor:
+    """A fresh leaf copy that requires grad (on ``device``, default ``t``'s)."""
+    return t.detach().to(device or t.device, dtype or t.dtype).clone().requires_grad_(True)
+
+
+def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` moved to ``DEVICE`` (None stays None)."""
+    return None if t is None else t.to(DEVICE)

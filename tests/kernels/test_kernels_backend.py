@@ -1,4 +1,9 @@
-"""Backend selection, capacity_for, and importing foldmesh.kernels without Triton."""
+"""Backend selection, capacity_for, the test device, and importing foldmesh.kernels without Triton.
+
+The selection tests use CPU tensors on purpose: they check what each setting means for a CPU
+input, on any machine (the CUDA side of "auto" is tested through ``auto_backend`` in
+test_kernels_table.py).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ import textwrap
 import pytest
 import torch
 from foldmesh.kernels import capacity_for, kernel_backend
-from kernels_naive import HAS_TRITON, TRITON_SKIP
+from foldmesh.kernels._backend import interpreter_problem
+from kernels_naive import HAS_TRITON, choose_device
 
 
 @pytest.mark.parametrize(
@@ -42,7 +48,31 @@ def test_selection_order(monkeypatch):
         kernel_backend(x)
 
 
-@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+def test_grouped_mm_is_for_the_grouped_gemms_only(monkeypatch):
+    x = torch.zeros(2, 2)
+    monkeypatch.delenv("FOLDMESH_KERNELS", raising=False)
+    assert kernel_backend(x, "grouped_mm", op="grouped_gemm") == "grouped_mm"
+    assert kernel_backend(x, "grouped_mm", op="swiglu_experts") == "grouped_mm"
+    with pytest.raises(ValueError, match="exists only for"):
+        kernel_backend(x, "grouped_mm")  # permute, unpermute, sort_chunks, swiglu
+    monkeypatch.setenv("FOLDMESH_KERNELS", "grouped_mm")
+    assert kernel_backend(x, op="grouped_gemm") == "grouped_mm"
+    assert kernel_backend(x) == "torch"  # the environment leaves the other ops on auto
+    assert kernel_backend(x, "torch", op="grouped_gemm") == "torch"  # the argument wins
+
+
+def test_choose_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose_device() == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_device() == torch.device("cpu")
+
+
+# Forcing triton on a CPU tensor needs the interpreter, on a GPU machine too.
+_INTERPRETER_SKIP = "triton missing" if not HAS_TRITON else interpreter_problem()
+
+
+@pytest.mark.skipif(_INTERPRETER_SKIP is not None, reason=str(_INTERPRETER_SKIP))
 def test_forcing_triton(monkeypatch):
     x = torch.zeros(2, 2)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -83,6 +113,8 @@ _USE_EVERY_OP = """
     probs = torch.full((6, 2), 0.5)
     perm = K.permute(x, idx, probs, 3)
     h = K.swiglu_experts(perm.tokens, torch.randn(3, 4, 8), torch.randn(3, 4, 4), perm.counts)
+    h = h + K.swiglu_experts(perm.tokens, torch.randn(3, 4, 8), torch.randn(3, 4, 4), perm.counts,
+                             backend="grouped_mm")
     out = K.unpermute(K.sort_chunks(h, perm.counts, 1, 3), perm, probs)
     out.sum().backward()
     assert x.grad is not None and "triton" not in sys.modules

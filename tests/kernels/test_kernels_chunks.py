@@ -8,7 +8,7 @@ from foldmesh.kernels import sort_chunks
 from foldmesh.kernels._chunks import sort_chunks_ref
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernels_naive import BACKENDS, leaf, naive_sort_chunks
+from kernels_naive import BACKENDS, DEVICE, leaf, naive_sort_chunks, on_device
 
 
 @st.composite
@@ -33,33 +33,34 @@ def test_sort_chunks_matches_naive(backend, layout, hidden, dtype, inverse, seed
     n_ranks, n_experts, sizes = layout
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(sum(sizes), hidden, generator=gen).to(dtype)
-    split_sizes = torch.tensor(sizes, dtype=torch.int64)
-    xk = leaf(x)
+    split_sizes = on_device(torch.tensor(sizes, dtype=torch.int64))
+    xk = leaf(x, device=DEVICE)
     out = sort_chunks(xk, split_sizes, n_ranks, n_experts, inverse, backend=backend)
     # A move is exact in every dtype.
-    assert torch.equal(out, naive_sort_chunks(x, sizes, n_ranks, n_experts, inverse))
+    assert torch.equal(out.cpu(), naive_sort_chunks(x, sizes, n_ranks, n_experts, inverse))
     back = sort_chunks(out, split_sizes, n_ranks, n_experts, not inverse, backend=backend)
-    assert torch.equal(back, x)
+    assert torch.equal(back.cpu(), x)
 
     grad = torch.randn(out.shape, generator=gen).to(dtype)
-    out.backward(grad)
-    assert torch.equal(xk.grad, naive_sort_chunks(grad, sizes, n_ranks, n_experts, not inverse))
+    out.backward(on_device(grad))
+    want = naive_sort_chunks(grad, sizes, n_ranks, n_experts, not inverse)
+    assert torch.equal(xk.grad.cpu(), want)
 
 
 def test_sort_chunks_small_example():
     # Two ranks, two experts: rows tagged (rank, expert).
-    sizes = torch.tensor([1, 2, 0, 1])  # r0e0, r0e1, r1e0, r1e1
-    x = torch.tensor([[0.0], [1.0], [1.0], [11.0]])
+    sizes = torch.tensor([1, 2, 0, 1], device=DEVICE)  # r0e0, r0e1, r1e0, r1e1
+    x = torch.tensor([[0.0], [1.0], [1.0], [11.0]], device=DEVICE)
     out = sort_chunks(x, sizes, 2, 2)
     assert out.flatten().tolist() == [0.0, 1.0, 1.0, 11.0]  # e0: r0 | e1: r0, r0, r1
-    sizes = torch.tensor([1, 1, 1, 1])
-    x = torch.tensor([[0.0], [1.0], [10.0], [11.0]])
+    sizes = torch.tensor([1, 1, 1, 1], device=DEVICE)
+    x = torch.tensor([[0.0], [1.0], [10.0], [11.0]], device=DEVICE)
     assert sort_chunks(x, sizes, 2, 2).flatten().tolist() == [0.0, 10.0, 1.0, 11.0]
 
 
 def test_sort_chunks_reference_gradcheck_and_no_sync():
-    sizes = torch.tensor([2, 0, 3, 1, 1, 2])
-    x = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
+    sizes = torch.tensor([2, 0, 3, 1, 1, 2], device=DEVICE)
+    x = torch.randn(9, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: sort_chunks_ref(x, sizes, 3, 2), (x,))
     meta = torch.empty(9, 3, device="meta")
     assert sort_chunks(meta, sizes.to("meta"), 3, 2).shape == (9, 3)

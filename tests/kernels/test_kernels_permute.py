@@ -1,7 +1,8 @@
 """permute / unpermute against the naive loops, forward and backward, on both backends.
 
-The Triton backend runs through the interpreter on CPU, which costs about a millisecond per
-program (one per row), so its shapes are kept smaller than the torch backend's.
+Inputs are drawn on the CPU and the kernels run on ``DEVICE`` (see kernels_naive). The Triton
+backend runs through the interpreter on CPU, which costs about a millisecond per program (one
+per row), so its shapes are kept smaller than the torch backend's.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernels_naive import (
     BACKENDS,
+    DEVICE,
     assert_close,
     leaf,
     naive_permute,
     naive_unpermute,
+    on_device,
     random_routing,
 )
 
@@ -64,16 +67,17 @@ def _backward(outputs, grads):
 def _check_against_naive(backend, case):
     gen, x, idx, probs, capacity, pad = _inputs(case)
     dtype, n_experts = case["dtype"], case["n_experts"]
-    xk, pk = leaf(x), leaf(probs)
-    perm = permute(xk, idx, pk, n_experts, capacity, case["policy"], pad, backend=backend)
+    xk, pk = leaf(x, device=DEVICE), leaf(probs, device=DEVICE)
+    perm = permute(xk, on_device(idx), pk, n_experts, capacity, case["policy"], pad,
+                   backend=backend)  # fmt: skip
     x64, p64 = leaf(x, torch.float64), leaf(probs, torch.float64)
     tokens, row_probs, counts, row_map = naive_permute(
         x64, idx, p64, n_experts, capacity, case["policy"], pad
     )
 
     assert perm.tokens.dtype == dtype and perm.counts.dtype == torch.int64
-    assert torch.equal(perm.tokens.to(torch.float64), tokens.detach())
-    assert torch.equal(perm.probs.to(torch.float64), row_probs.detach())
+    assert torch.equal(perm.tokens.to("cpu", torch.float64), tokens.detach())
+    assert torch.equal(perm.probs.to("cpu", torch.float64), row_probs.detach())
     assert perm.counts.tolist() == counts
     assert perm.row_map.tolist() == row_map
     assert torch.equal(perm.offsets, torch.cumsum(perm.counts, 0))
@@ -82,7 +86,7 @@ def _check_against_naive(backend, case):
         assert not pad or all(c == capacity for c in counts)
 
     y = torch.randn(perm.tokens.shape, generator=gen).to(dtype)
-    yk, y64 = leaf(y), leaf(y, torch.float64)
+    yk, y64 = leaf(y, device=DEVICE), leaf(y, torch.float64)
     out = unpermute(yk, perm, pk, backend=backend)
     expected = naive_unpermute(y64, row_map, p64)
     assert out.dtype == dtype
@@ -90,7 +94,7 @@ def _check_against_naive(backend, case):
 
     outputs = (perm.tokens, perm.probs, out)
     grads = [torch.randn(t.shape, generator=gen).to(t.dtype) for t in outputs]
-    _backward(outputs, grads)
+    _backward(outputs, [on_device(g) for g in grads])
     _backward((tokens, row_probs, expected), [g.double() for g in grads])
     for actual, ref in ((xk, x64), (pk, p64), (yk, y64)):
         want = ref.grad if ref.grad is not None else torch.zeros_like(ref)
@@ -98,11 +102,11 @@ def _check_against_naive(backend, case):
         assert_close(got, want, dtype)
 
     # Unweighted combine (the layer applied the weights already): forward and grad of y.
-    yk, y64 = leaf(y), leaf(y, torch.float64)
+    yk, y64 = leaf(y, device=DEVICE), leaf(y, torch.float64)
     out = unpermute(yk, perm, backend=backend)
     expected = naive_unpermute(y64, row_map)
     assert_close(out, expected, dtype)
-    _backward([out], [grads[2]])
+    _backward([out], [on_device(grads[2])])
     _backward([expected], [grads[2].double()])
     want = y64.grad if y64.grad is not None else torch.zeros_like(y64)
     assert_close(yk.grad if yk.grad is not None else torch.zeros_like(yk), want, dtype)
@@ -141,8 +145,8 @@ def test_edge_shapes(backend, dtype):
 def test_unpermute_of_permute_with_mean_weights_is_identity(backend, case):
     _, x, idx, _, _, _ = _inputs(case)
     dtype = case["dtype"]
-    weights = torch.full(idx.shape, 1.0 / idx.shape[1])
-    perm = permute(x, idx, weights, case["n_experts"], backend=backend)
+    weights = on_device(torch.full(idx.shape, 1.0 / idx.shape[1]))
+    perm = permute(on_device(x), on_device(idx), weights, case["n_experts"], backend=backend)
     assert perm.tokens.shape[0] == idx.numel()
     assert_close(unpermute(perm.tokens, perm, weights, backend=backend), x.double(), dtype)
 
@@ -152,6 +156,7 @@ def test_unpermute_of_permute_with_mean_weights_is_identity(backend, case):
 def test_padding_does_not_change_the_result(case):
     """Padded and unpadded dropping keep the same copies and combine to the same output."""
     _, x, idx, probs, _, _ = _inputs(case)
+    x, idx, probs = on_device(x), on_device(idx), on_device(probs)
     capacity = capacity_for(case["n_tokens"], case["n_experts"], case["topk"], 1.0)
     kept = permute_ref(x, idx, probs, case["n_experts"], capacity, case["policy"])
     padded = permute_ref(x, idx, probs, case["n_experts"], capacity, case["policy"], True)
@@ -167,9 +172,9 @@ def test_padding_does_not_change_the_result(case):
 
 
 def test_drop_by_probability_breaks_ties_by_token_index():
-    idx = torch.zeros(5, 1, dtype=torch.int64)
-    probs = torch.tensor([[0.5], [0.9], [0.5], [0.9], [0.5]])
-    x = torch.arange(5.0).unsqueeze(1)
+    idx = torch.zeros(5, 1, dtype=torch.int64, device=DEVICE)
+    probs = torch.tensor([[0.5], [0.9], [0.5], [0.9], [0.5]], device=DEVICE)
+    x = torch.arange(5.0, device=DEVICE).unsqueeze(1)
     by_prob = permute_ref(x, idx, probs, 1, capacity=3, drop_policy="probs")
     assert by_prob.tokens.flatten().tolist() == [0.0, 1.0, 3.0]  # token order, not prob order
     by_position = permute_ref(x, idx, probs, 1, capacity=3, drop_policy="position")
@@ -181,12 +186,13 @@ def test_drop_by_probability_breaks_ties_by_token_index():
 def test_reference_gradcheck(dropping):
     gen = torch.Generator().manual_seed(0)
     idx, probs = random_routing(gen, 7, 4, 2, "one", ties=False)
+    idx = on_device(idx)
     capacity = None if dropping is None else 3
     pad = dropping == "pad"
-    x = torch.randn(7, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    probs = probs.double().requires_grad_(True)
+    x = leaf(torch.randn(7, 5, generator=gen, dtype=torch.float64), device=DEVICE)
+    probs = leaf(probs, torch.float64, DEVICE)
     perm = permute_ref(x, idx, probs, 4, capacity, pad_to_capacity=pad)
-    y = torch.randn(perm.tokens.shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = leaf(torch.randn(perm.tokens.shape, generator=gen, dtype=torch.float64), device=DEVICE)
 
     def through_both(x, probs, y):
         perm = permute_ref(x, idx, probs, 4, capacity, pad_to_capacity=pad)
@@ -216,12 +222,12 @@ def test_known_kept_rows_gives_the_same_permutation(backend, policy):
     # A caller that already knows sum(min(count_e, C)) on the host skips the sync.
     torch.manual_seed(0)
     T, k, E, H = 13, 2, 4, 5
-    x = torch.randn(T, H)
-    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
-    probs = torch.rand(T, k)
+    x = on_device(torch.randn(T, H))
+    idx = on_device(torch.stack([torch.randperm(E)[:k] for _ in range(T)]))
+    probs = on_device(torch.rand(T, k))
     cap = 4
-    counts = torch.zeros(E, dtype=torch.int64).scatter_add_(0, idx.reshape(-1),
-                                                            torch.ones(T * k, dtype=torch.int64))
+    counts = torch.zeros(E, dtype=torch.int64, device=DEVICE).scatter_add_(
+        0, idx.reshape(-1), torch.ones(T * k, dtype=torch.int64, device=DEVICE))
     kept = int(counts.clamp(max=cap).sum())
     a = permute(x, idx, probs, E, capacity=cap, drop_policy=policy, backend=backend)
     b = permute(x, idx, probs, E, capacity=cap, drop_policy=policy, backend=backend,
