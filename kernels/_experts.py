@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._autocast import autocast_inputs
 from ._backend import auto_backend, kernel_backend
 from ._ops import grouped_gemm
 
@@ -72,11 +73,13 @@ def swiglu_experts(
             CUDA when Triton imports, on ``swiglu_ref`` otherwise.
 
     Returns:
-        [N, H] in x.dtype; differentiable in x, both weights and probs.
+        [N, H] in x.dtype (autocast's dtype under autocast, as ``grouped_gemm``);
+        differentiable in x, both weights and probs.
     """
     if w_gate_up.dim() != 3 or w_down.dim() != 3 or w_gate_up.shape[2] != 2 * w_down.shape[1]:
         raise ValueError(f"need w_gate_up [G, H, 2F] and w_down [G, F, H], got "
                          f"{tuple(w_gate_up.shape)}, {tuple(w_down.shape)}")  # fmt: skip
+    x, w_gate_up, w_down = autocast_inputs(x, w_gate_up, w_down)  # once for both GEMMs
     groups, hidden, ffn = w_down.shape[0], w_gate_up.shape[1], w_down.shape[1]
     backend = kernel_backend(x, backend, op="swiglu_experts", k=hidden, n=ffn, groups=groups)
     # The activation has no grouped_mm kernel: it takes what auto means for h's device.

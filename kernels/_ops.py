@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ._autocast import autocast_inputs
 from ._backend import auto_backend, kernel_backend
 from ._chunks import sort_chunks_ref, sort_chunks_triton
 from ._grouped_gemm_ref import grouped_gemm_ref
@@ -142,9 +143,11 @@ def grouped_gemm(
             (triton on CUDA, torch elsewhere) where its rules exclude the case, logging why.
 
     Returns:
-        y [N, M] in x.dtype, accumulated in float32 for 16-bit inputs. Differentiable in x
+        y [N, M] in x.dtype (autocast's dtype under autocast, which casts float32 x and w as
+        it casts a matmul's), accumulated in float32 for 16-bit inputs. Differentiable in x
         and w; groups without rows get a zero weight gradient.
     """
+    x, w = autocast_inputs(x, w)
     groups, k_dim, m_dim = w.shape if w.dim() == 3 else (None, None, None)
     backend = kernel_backend(x, backend, op="grouped_gemm", k=k_dim, n=m_dim, groups=groups)
     if backend == "grouped_mm":

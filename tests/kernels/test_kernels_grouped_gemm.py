@@ -178,3 +178,22 @@ def test_swiglu_reference_gradcheck():
         lambda x, w1, w2, p: swiglu_experts(x, w1, w2, counts, p, backend="torch"),
         (x, w1, w2, p),
     )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ops_follow_autocast(backend):
+    """Under autocast float32 inputs are cast as a matmul's would be; the gradients of the
+    float32 leaves come back in float32; without autocast nothing changes."""
+    gen = torch.Generator().manual_seed(0)
+    x = leaf(torch.randn(12, 16, generator=gen))
+    w = leaf(torch.randn(3, 16, 8, generator=gen))
+    w_down = leaf(torch.randn(3, 4, 16, generator=gen))
+    counts = torch.tensor([5, 0, 7])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = grouped_gemm(x, w, torch.cumsum(counts, 0), backend=backend)
+        z = swiglu_experts(x, w, w_down, counts, backend=backend)
+    assert y.dtype == z.dtype == torch.bfloat16
+    (y.float().sum() + z.float().sum()).backward()
+    assert x.grad.dtype == w.grad.dtype == w_down.grad.dtype == torch.float32
+    assert_close(y, naive_grouped_gemm(x.double(), w.double(), [5, 0, 7]), torch.bfloat16)
+    assert grouped_gemm(x, w, torch.cumsum(counts, 0), backend=backend).dtype == torch.float32
