@@ -50,7 +50,7 @@ def layout_of(fold: dict, gpus: int, vpp: int) -> Layout:
 
 def rows(hw=None):
     """(model, column, fold, paper MFU %, Estimate) for every configuration above."""
-    hw = hw or hardware("h100")
+    hw = hw or hardware("h100", kernels="megatron")
     for name, gpus, vpp, columns in ROWS:
         work = Workload(preset(name, capacity_factor=1.0), 256, 4096)
         for column, (fold, paper) in columns.items():
@@ -72,7 +72,7 @@ def main() -> None:
               f"{e.mfu_megatron * 100 / paper:.2f} | {e.memory.total / 2**30:.0f} | "
               f"{e.step_time:.2f} |")
     if args.search:
-        hw = hardware("h100")
+        hw = hardware("h100", kernels="megatron")
         for name, gpus, _, _ in ROWS:
             t = time.time()
             work = Workload(preset(name, capacity_factor=1.0), 256, 4096)

@@ -9,8 +9,11 @@ Every number comes from foldmesh's own code paths: ``step_collectives`` lists th
 collectives a training step issues (equal to ``foldmesh.testing.CollectiveCounter``'s
 count), ``state_bytes`` the weights, gradients and AdamW state a rank holds (equal to its
 tensors), ``activation_memory`` what autograd saves; the time model (``_time.py``) and the
-hardware presets (``_hardware.py``) say how fast that runs. ``python -m foldmesh.plan``
-is the command line; docs/planner.md compares it with the paper.
+hardware presets (``_hardware.py``) say how fast that runs: at foldmesh's own measured
+kernel rates where a preset has them (``load_rates``, ``save_rates``; ``rates/*.json``), or
+at fractions calibrated on the paper's Megatron-Core runs (``hardware(name,
+kernels="megatron")``). ``python -m foldmesh.plan`` is the command line; docs/planner.md
+compares it with the paper.
 """
 
 from ._activations import ActivationMemory, activation_memory, inflight_microbatches
@@ -21,13 +24,15 @@ from ._from_config import from_train_config
 from ._hardware import HARDWARE, Hardware, hardware
 from ._memory import Memory, state_bytes
 from ._params import ParamShard, rank_params
+from ._rates import KernelRates, load_rates, save_rates, shape_class
 from ._search import layouts, search, valid
 from ._workload import Layout, Workload, rank_coordinates
 
 __all__ = [
     "HARDWARE", "ActivationMemory", "Collective", "DryRunReport", "Estimate", "Hardware",
-    "Layout", "Memory", "ParamShard", "Workload", "activation_memory", "axis_label",
-    "bytes_by", "counts_by", "dry_run", "estimate", "from_train_config", "hardware",
-    "inflight_microbatches", "layouts", "rank_coordinates", "rank_params", "search",
-    "state_bytes", "step_collectives", "valid",
+    "KernelRates", "Layout", "Memory", "ParamShard", "Workload", "activation_memory",
+    "axis_label", "bytes_by", "counts_by", "dry_run", "estimate", "from_train_config",
+    "hardware", "inflight_microbatches", "layouts", "load_rates", "rank_coordinates",
+    "rank_params", "save_rates", "search", "shape_class", "state_bytes", "step_collectives",
+    "valid",
 ]

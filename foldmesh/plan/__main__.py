@@ -12,6 +12,10 @@ checks them) and optionally vpp (stages per pp rank), mbs, layers (an explicit p
 split, the layers of each stage joined by "+", as the trainer's ``fold.pp_layers``), ac
 (none/full), dp_mode (fsdp/replicate) and schedule. Hardware: ``--gpu`` names a preset
 (h100, h200, b200, a100) or a TOML file; ``--set name=value`` overrides any of its fields.
+``--kernels foldmesh`` (the default) times compute at foldmesh's own measured kernel rates
+where the preset has them (h200; ``foldmesh/plan/rates/``), ``--kernels megatron`` at the
+fractions calibrated on the paper's Table 3 (Megatron-Core's kernels); presets without
+measured rates use the calibrated fractions either way.
 """
 
 from __future__ import annotations
@@ -105,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", default="h100", help=f"{', '.join(HARDWARE)} or a .toml file")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a hardware field (e.g. network_bandwidth=25e9)")
+    p.add_argument("--kernels", default=None, choices=("foldmesh", "megatron"),
+                   help="compute rates: foldmesh's measured kernels where the preset has "
+                        "them (default), or the fractions calibrated on Megatron-Core's "
+                        "(the paper's Table 3)")
     p.add_argument("--global-batch", type=int, default=256)
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
@@ -133,7 +141,7 @@ def _hardware(args) -> object:
             raise FoldError(f"--set {item!r}: write FIELD=VALUE")
     if args.gpus_per_node is not None:
         overrides["gpus_per_node"] = args.gpus_per_node
-    hw = hardware(args.gpu, **overrides)
+    hw = hardware(args.gpu, kernels=args.kernels, **overrides)
     if args.gpus % hw.gpus_per_node and args.gpus > hw.gpus_per_node:
         raise FoldError(f"--gpus {args.gpus} is not a whole number of nodes of "
                         f"--gpus-per-node {hw.gpus_per_node}")

@@ -20,10 +20,12 @@ from ._params import stages_of
 from ._time import (
     bubble_slots,
     collective_time,
+    compute_parts,
     compute_seconds,
     crosses_nodes,
     head_work,
     layer_work,
+    optimizer_seconds,
 )
 from ._workload import Layout, Workload
 
@@ -59,6 +61,18 @@ class Estimate:
     mfu_megatron: float
     """The same with Megatron's FLOPs formula (full attention), as the paper reports MFU."""
     collectives: list = field(default_factory=list, compare=False, repr=False)
+    compute_parts: dict = field(default_factory=dict, compare=False, repr=False)
+    """``time["compute"]`` by kernel kind (dense GEMMs, grouped GEMMs per pass and shape
+    class, attention, permute, elementwise), at the hardware's measured rates or its
+    calibrated fractions."""
+
+    def largest_term(self) -> tuple[str, float]:
+        """(name, seconds per step) of the largest part of the step time, with compute
+        split by kernel kind and communication named as exposed collectives."""
+        terms = {(f"exposed {k} collectives" if k in CATEGORY.values() else k): v
+                 for k, v in self.time.items() if k != "compute"}
+        terms |= self.compute_parts or {"compute": self.time.get("compute", 0.0)}
+        return max(terms.items(), key=lambda kv: kv[1])
 
     def to_dict(self) -> dict:
         f = self.layout.fold
@@ -80,6 +94,7 @@ class Estimate:
             "cross_node": list(self.cross_node),
             "tokens_per_s_per_gpu": self.tokens_per_s_per_gpu,
             "mfu": self.mfu, "mfu_megatron": self.mfu_megatron,
+            "kernels": self.hardware.kernels, "compute_s": dict(self.compute_parts),
         }
 
 
@@ -97,13 +112,15 @@ def _rank_memory(workload: Workload, layout: Layout, rank: int) -> Memory:
 
 
 def _rank_time(workload: Workload, layout: Layout, hw: Hardware, rank: int,
-               colls: list[Collective]) -> dict:
-    """Seconds per step of one rank by part, before the bubble."""
+               colls: list[Collective]) -> tuple[dict, dict]:
+    """Seconds per step of one rank by part, before the bubble, and its compute by kernel
+    kind."""
     cfg, f = workload.model, layout.fold
     n = layout.microbatches(workload)
     passes = 4.0 if layout.activation_checkpoint == "full" else 3.0
     pp_rank = rank // f.stage_size
     compute = 0.0
+    parts: dict[str, float] = defaultdict(float)
     last = layout.num_stages - 1 if f.pp > 1 else 0
     for stage, layers in stages_of(cfg, layout, pp_rank):
         for moe in (False, True):  # layers of one kind cost the same
@@ -112,9 +129,13 @@ def _rank_time(workload: Workload, layout: Layout, hw: Hardware, rank: int,
                 work = layer_work(cfg, f, workload, layout.micro_batch, same[0],
                                   hw.gemm_half_size)
                 compute += len(same) * compute_seconds(work, hw, passes)
+                for k, v in compute_parts(work, hw, passes).items():
+                    parts[k] += len(same) * v * n
         if stage == last:
-            compute += compute_seconds(head_work(cfg, f, workload, layout.micro_batch,
-                                                 hw.gemm_half_size), hw, 3)
+            work = head_work(cfg, f, workload, layout.micro_batch, hw.gemm_half_size)
+            compute += compute_seconds(work, hw, 3)
+            for k, v in compute_parts(work, hw, 3).items():
+                parts[k] += v * n
     out: dict[str, float] = defaultdict(float)
     out["compute"] = compute * n
     fsdp_gather = fsdp_reduce = 0.0
@@ -149,7 +170,7 @@ def _rank_time(workload: Workload, layout: Layout, hw: Hardware, rank: int,
     if out.get("pp"):
         per_message = out["pp"] / max(1, sum(c.count for c in colls if c.scope == "p2p"))
         out["pp"] = 2 * (f.pp - 1) * per_message
-    return dict(out)
+    return dict(out), {k: v for k, v in parts.items() if v}
 
 
 def static_estimate(workload: Workload, layout: Layout, hw: Hardware) -> Estimate | None:
@@ -178,12 +199,14 @@ def estimate(workload: Workload, layout: Layout, hw: Hardware) -> Estimate:
     depth = [sum(len(r) for _, r in stages_of(cfg, layout, p)) for p in range(f.pp)]
     chosen = sorted({0, f.pp - 1, max(range(f.pp), key=lambda p: depth[p])})
     firsts = [p * f.stage_size for p in chosen]
-    mems, times, colls = [], [], {}
+    mems, times, parts, colls = [], [], [], {}
     for rank in firsts:
         c = step_collectives(workload, layout, rank)
         colls[rank] = c
         mems.append(_rank_memory(workload, layout, rank))
-        times.append(_rank_time(workload, layout, hw, rank, c))
+        t, p = _rank_time(workload, layout, hw, rank, c)
+        times.append(t)
+        parts.append(p)
     memory = max(mems, key=lambda m: m.total)
     critical = ("compute", "tp", "cp", "ep", "etp", "pp")  # per micro-batch, on the path
     per_mb = [sum(t.get(k, 0.0) for k in critical) / n for t in times]
@@ -198,7 +221,7 @@ def estimate(workload: Workload, layout: Layout, hw: Hardware) -> Estimate:
         if hidden and time.get(cat):
             time[cat] -= hidden * time[cat] / synced
     params = memory.weights / 4
-    time["optimizer"] = 28 * params / (hw.hbm_bandwidth * hw.memory_efficiency)
+    time["optimizer"] = optimizer_seconds(params, hw)
     step = sum(time.values())
     tokens = workload.global_batch * workload.seq_len
     world = f.world_size
@@ -216,4 +239,4 @@ def estimate(workload: Workload, layout: Layout, hw: Hardware) -> Estimate:
         tokens_per_s_per_gpu=tokens / step / world,
         mfu=flops_per_token(cfg, workload.seq_len) * tokens / peak,
         mfu_megatron=flops_per_token(cfg, workload.seq_len, causal=False) * tokens / peak,
-        collectives=colls[firsts[worst]])
+        collectives=colls[firsts[worst]], compute_parts=parts[worst])

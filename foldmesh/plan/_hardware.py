@@ -25,6 +25,14 @@ reach ``matmul_efficiency`` of peak, memory-bound kernels ``memory_efficiency`` 
 bandwidth, NCCL ``link_efficiency`` of a link's bandwidth; ``reserved_gib`` of HBM is not
 available to tensors (CUDA context, NCCL buffers, allocator fragmentation). Other presets
 reuse the H100 fractions: the same kernels on the same software stack.
+
+Kernel rates: the two compute fractions describe Megatron-Core's kernels, which reached the
+paper's MFU. foldmesh's own kernels are measured instead, per GPU, in
+``foldmesh/plan/rates/<preset>.json`` (``_rates.py``); a preset with such a record carries it
+as ``rates`` and its compute follows them (``kernels="foldmesh"``, the default), and
+``hardware(name, kernels="megatron")`` drops it for the calibrated fractions. Presets
+without a record (today: all but H200) use the fractions either way. The communication
+constants are the same for both.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from pathlib import Path
 import tomllib
 
 from .._fold import FoldError
+from ._rates import KernelRates, load_rates
 
 GB = 1e9
 GIB = 2 ** 30
@@ -66,16 +75,33 @@ class Hardware:
     reserved_gib: float = 6.0
     gemm_half_size: float = 256.0
     """A GEMM dimension of this size runs at half a large GEMM's rate (see _time.py)."""
+    rates: KernelRates | None = None
+    """foldmesh's measured kernel rates on this GPU; None: the calibrated fractions."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.name != "name" and (not isinstance(v, (int, float)) or v <= 0):
+            if f.name not in ("name", "rates") and (not isinstance(v, (int, float))
+                                                    or v <= 0):
                 raise FoldError(f"hardware {self.name}: {f.name} must be a positive number, "
                                 f"got {v!r}")
         for f in ("matmul_efficiency", "memory_efficiency", "link_efficiency"):
             if getattr(self, f) > 1:
                 raise FoldError(f"hardware {self.name}: {f} is a fraction of peak (<= 1)")
+
+    @property
+    def kernels(self) -> str:
+        """"foldmesh" (measured rates) or "megatron" (the calibrated fractions)."""
+        return "foldmesh" if self.rates is not None else "megatron"
+
+    def describe_kernels(self) -> str:
+        """One line: where this preset's compute rates come from."""
+        if self.rates is not None:
+            return (f"compute at foldmesh's kernel rates measured on {self.rates.gpu} "
+                    f"({self.rates.date}; bf16)")
+        measured = ", ".join(sorted(k for k, v in HARDWARE.items() if v.rates)) or "none"
+        return ("compute at fractions of peak calibrated on Megatron-Core's kernels (the "
+                f"paper's Table 3); foldmesh's own rates are measured for: {measured}")
 
     @property
     def usable_bytes(self) -> float:
@@ -89,18 +115,30 @@ class Hardware:
         return dataclasses.replace(self, **changes)
 
 
+def _measured(preset: str) -> KernelRates | None:
+    rates = load_rates(preset)
+    return KernelRates.from_record(rates) if rates is not None else None
+
+
 HARDWARE: dict[str, Hardware] = {
     "h100": Hardware("H100 SXM", 989.5e12, 80 * GB, 3.35e12, 450 * GB, 50 * GB),
     "h200": Hardware("H200 SXM", 989.5e12, 141 * GB, 4.8e12, 450 * GB, 50 * GB),
     "b200": Hardware("B200", 2250e12, 180 * GB, 8.0e12, 900 * GB, 50 * GB),
     "a100": Hardware("A100 SXM 80GB", 312e12, 80 * GB, 2.039e12, 300 * GB, 25 * GB),
 }
+HARDWARE = {k: hw.replace(rates=_measured(k)) for k, hw in HARDWARE.items()}
+KERNELS = ("foldmesh", "megatron")
+# fractions the measured rates replace: setting one would change nothing
+_UNUSED_WITH_RATES = ("matmul_efficiency", "memory_efficiency")
 
 
-def hardware(name_or_path: str, **overrides) -> Hardware:
-    """A preset by name, or a TOML file (``preset = "h100"`` plus any fields to override),
-    with ``overrides`` applied."""
+def hardware(name_or_path: str, kernels: str | None = None, **overrides) -> Hardware:
+    """A preset by name, or a TOML file (``preset = "h100"`` plus any fields to override,
+    and optionally ``kernels``), with ``overrides`` applied. ``kernels``: "foldmesh" (the
+    default) keeps the preset's measured kernel rates where it has them, "megatron" uses
+    the fractions calibrated on the paper's Table 3 (see the module docstring)."""
     path = Path(name_or_path)
+    table: dict = {}
     if name_or_path.lower() in HARDWARE:
         hw = HARDWARE[name_or_path.lower()]
     elif path.suffix == ".toml":
@@ -111,8 +149,25 @@ def hardware(name_or_path: str, **overrides) -> Hardware:
         if base not in HARDWARE:
             raise FoldError(f"{path}: preset = {base!r} is not a GPU preset; choose one of "
                             f"{sorted(HARDWARE)}")
-        hw = HARDWARE[base].replace(name=table.pop("name", path.stem), **table)
+        hw = HARDWARE[base]
+        kernels = kernels or table.pop("kernels", None)
+        table.setdefault("name", path.stem)
     else:
         raise FoldError(f"--gpu {name_or_path!r} is not a GPU preset; choose one of "
                         f"{sorted(HARDWARE)} or give a .toml file")
-    return hw.replace(**overrides) if overrides else hw
+    table.pop("kernels", None)
+    kernels = kernels or "foldmesh"
+    if kernels not in KERNELS:
+        raise FoldError(f"--kernels {kernels!r}: choose foldmesh (foldmesh's measured kernel "
+                        "rates, where the preset has them) or megatron (the fractions "
+                        "calibrated on the paper's Table 3)")
+    if kernels == "megatron":
+        hw = hw.replace(rates=None)
+    unused = [k for k in (*table, *overrides) if k in _UNUSED_WITH_RATES]
+    if hw.rates is not None and unused:
+        raise FoldError(f"{unused[0]} has no effect on {hw.name}: its compute follows "
+                        f"foldmesh's measured kernel rates (foldmesh/plan/rates/); use "
+                        f"--kernels megatron (or kernels = \"megatron\" in the TOML file) "
+                        "to time it with the calibrated fractions")
+    changes = table | overrides
+    return hw.replace(**changes) if changes else hw

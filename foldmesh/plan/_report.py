@@ -48,6 +48,9 @@ def table(estimates: list[Estimate], top: int = 10) -> str:
         terms = ", ".join(f"{k} {v / GIB:.1f}" for k, v in best.memory.terms().items() if v)
         lines += ["", f"best layout's memory (GiB of {best.hardware.usable_bytes / GIB:.0f} "
                       f"usable on {best.hardware.name}): {terms}"]
+        name, seconds = best.largest_term()
+        lines.append(f"step time: {best.hardware.describe_kernels()}; the largest term is "
+                     f"{name}, {seconds:.3g} s of {best.step_time:.3g} s")
     return "\n".join(lines)
 
 

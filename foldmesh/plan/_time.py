@@ -35,7 +35,18 @@ at d / (d + ``gemm_half_size``) of a large GEMM's rate: small expert GEMMs of fi
 MoEs are slower per FLOP), plus the memory-bound kernels (norms, RoPE,
 residual adds, router, permute/unpermute, SwiGLU activations, the loss) at
 ``memory_efficiency`` of HBM bandwidth; backward costs twice the forward, activation
-checkpointing adds one forward.
+checkpointing adds one forward. These two fractions were fitted on the paper's Table 3,
+that is on Megatron-Core's kernels.
+
+**Compute at foldmesh's measured rates** (a preset with ``rates``, ``_rates.py``): each kind
+of kernel runs at its own measured rate. Dense GEMMs (attention projections, router, dense
+and shared FFNs, the head) at ``dense_gemm_tflops``, which was measured on an 8192^3 GEMM:
+other shapes keep the shape curve above relative to 8192^3. The routed experts' grouped
+GEMMs at ``grouped_gemm_tflops`` of their ``shape_class`` (rows per expert, K, N), forward
+and backward each at its own rate. Attention's QK^T and AV (causal FLOPs) at
+``attention_tflops``, permute and unpermute bytes at ``permute_gbps``, every other
+memory-bound byte at ``elementwise_gbps``. Backward again costs twice the forward's FLOPs
+and bytes, recomputation one more forward.
 
 **Bubble** (micro-batch time t through all of a rank's stages, n micro-batches, v stages per
 rank): GPipe and 1F1B ``(pp-1)·t``; Interleaved1F1B and LoopedBFS ``(pp-1)/v·t``
@@ -53,6 +64,7 @@ from .._mesh import FLATTENED
 from ..models import ModelConfig
 from ._comm import Collective, group_size
 from ._hardware import Hardware
+from ._rates import SHAPE_CLASSES, shape_class
 from ._workload import Layout, Workload
 
 STRIDE_OF = {"tp": lambda f: 1, "cp": lambda f: f.tp, "dp": lambda f: f.tp * f.cp,
@@ -125,11 +137,20 @@ def collective_time(c: Collective, fold: Fold, hw: Hardware, links: dict | None 
 @dataclass(frozen=True)
 class Work:
     """One micro-batch's forward on one rank: matmul FLOPs, the same FLOPs weighted by each
-    GEMM's shape efficiency, and memory-bound bytes."""
+    GEMM's shape efficiency, and memory-bound bytes; then the same split by kernel kind for
+    measured rates (see the module docstring)."""
 
     flops: float
     weighted: float
     bytes: float
+    dense: float = 0.0
+    """Dense GEMMs' FLOPs / shape efficiency (weighted as above)."""
+    grouped: tuple[tuple[str, float, float], ...] = ()
+    """(shape class, FLOPs, weighted FLOPs) of the routed experts' grouped GEMMs, per class."""
+    attention: float = 0.0
+    """Causal QK^T and AV FLOPs."""
+    permute: float = 0.0
+    """Permute and unpermute bytes (part of ``bytes``)."""
 
 
 def _gemm(m: float, n: float, k: float, half: float) -> tuple[float, float]:
@@ -142,6 +163,20 @@ def _gemm(m: float, n: float, k: float, half: float) -> tuple[float, float]:
     return flops, flops / eff if eff > 0 else 0.0
 
 
+def _split(gemms: list, core: float, elements: float, permute: float, e: float) -> Work:
+    """A ``Work`` from GEMMs ``(FLOPs, weighted, shape class or None for dense)``."""
+    flops = sum(g[0] for g in gemms) + core
+    grouped = {c: [0.0, 0.0] for c in SHAPE_CLASSES}
+    for f, w, c in gemms:
+        if c is not None:
+            grouped[c][0] += f
+            grouped[c][1] += w
+    return Work(flops, sum(g[1] for g in gemms) + core, elements * e,
+                dense=sum(g[1] for g in gemms if g[2] is None),
+                grouped=tuple((c, f, w) for c, (f, w) in grouped.items() if f),
+                attention=core, permute=permute * e)
+
+
 def layer_work(cfg: ModelConfig, fold: Fold, workload: Workload, micro_batch: int,
                layer: int, half: float = 0.0) -> Work:
     """Forward work of one layer on one rank for one micro-batch (see the module docs);
@@ -150,33 +185,35 @@ def layer_work(cfg: ModelConfig, fold: Fold, workload: Workload, micro_batch: in
     d, hq, hkv = cfg.resolved_head_dim, cfg.num_heads, cfg.num_kv_heads
     seq = micro_batch * s / fold.cp  # tokens of the rank's cp block
     t = seq / fold.tp  # the rank's own tokens
-    gemms = [_gemm(seq, (hq + 2 * hkv) * d / fold.tp, h, half),  # q, k, v
-             _gemm(seq, h, hq * d / fold.tp, half)]  # o
+    gemms = [(*_gemm(seq, (hq + 2 * hkv) * d / fold.tp, h, half), None),  # q, k, v
+             (*_gemm(seq, h, hq * d / fold.tp, half), None)]  # o
     core = 2 * micro_batch * s * s * d * hq / (fold.cp * fold.tp)  # causal QK^T and AV
     # norms, RoPE, residual adds, attention's softmax traffic: element reads and writes
     elements = 10 * t * h + 4 * seq * (hq + hkv) * d / fold.tp
+    permute = 0.0
     if cfg.is_moe(layer):
         k, f = cfg.topk, cfg.expert_ffn_size
-        gemms.append(_gemm(t, cfg.num_experts, h, half))  # router
+        gemms.append((*_gemm(t, cfg.num_experts, h, half), None))  # router
         # each rank runs its El experts on the rows of its etp group: etp * T * k rows in
         # balance, each expert's FFN split over etp
         local = cfg.num_experts // fold.ep
         rows = fold.etp * t * k / local
+        up = (*_gemm(rows, f / fold.etp, h, half), shape_class(rows, h, f / fold.etp))
+        down = (*_gemm(rows, h, f / fold.etp, half), shape_class(rows, f / fold.etp, h))
         for _ in range(local):
-            gemms += [_gemm(rows, f / fold.etp, h, half)] * 2 + [_gemm(rows, h, f / fold.etp,
-                                                                      half)]
+            gemms += [up] * 2 + [down]
         if cfg.shared_ffn_size:
-            gemms += [_gemm(seq, cfg.shared_ffn_size / fold.tp, h, half)] * 2
-            gemms += [_gemm(seq, h, cfg.shared_ffn_size / fold.tp, half)]
+            gemms += [(*_gemm(seq, cfg.shared_ffn_size / fold.tp, h, half), None)] * 2
+            gemms += [(*_gemm(seq, h, cfg.shared_ffn_size / fold.tp, half), None)]
             elements += 4 * seq * cfg.shared_ffn_size / fold.tp
         # permute + unpermute of k copies, SwiGLU on [rows, F/etp] x etp, router scores
-        elements += 4 * t * k * h + 3 * t * k * f + 4 * t * cfg.num_experts
+        permute = 4 * t * k * h
+        elements += permute + 3 * t * k * f + 4 * t * cfg.num_experts
     else:
-        gemms += [_gemm(seq, cfg.ffn_size / fold.tp, h, half)] * 2
-        gemms += [_gemm(seq, h, cfg.ffn_size / fold.tp, half)]
+        gemms += [(*_gemm(seq, cfg.ffn_size / fold.tp, h, half), None)] * 2
+        gemms += [(*_gemm(seq, h, cfg.ffn_size / fold.tp, half), None)]
         elements += 3 * seq * cfg.ffn_size / fold.tp
-    flops = sum(g[0] for g in gemms) + core
-    return Work(flops, sum(g[1] for g in gemms) + core, elements * e)
+    return _split(gemms, core, elements, permute, e)
 
 
 def head_work(cfg: ModelConfig, fold: Fold, workload: Workload, micro_batch: int,
@@ -185,13 +222,52 @@ def head_work(cfg: ModelConfig, fold: Fold, workload: Workload, micro_batch: int
     v = cfg.vocab_size / fold.tp
     # logits matmul; the loss reads the fp32 logits a few times (max, exp-sum, pick)
     flops, weighted = _gemm(seq, v, cfg.hidden_size, half)
-    return Work(flops, weighted, 4 * seq * v * 4)
+    return Work(flops, weighted, 4 * seq * v * 4, dense=weighted)
 
 
 def compute_seconds(work: Work, hw: Hardware, passes: float) -> float:
     """``passes`` forward-equivalents (3: forward + backward; 4 with recomputation)."""
+    if hw.rates is not None:
+        return sum(compute_parts(work, hw, passes).values())
     return passes * (work.weighted / (hw.peak_flops * hw.matmul_efficiency)
                      + work.bytes / (hw.hbm_bandwidth * hw.memory_efficiency))
+
+
+def compute_parts(work: Work, hw: Hardware, passes: float) -> dict[str, float]:
+    """``compute_seconds`` by kernel kind: dense GEMMs, grouped GEMMs per pass and shape
+    class, attention, permute, elementwise (``passes - 2`` forwards and one backward)."""
+    fwd, bwd = passes - 2, 2.0
+    r = hw.rates
+    if r is None:  # the calibrated fractions (their sum is compute_seconds up to rounding)
+        gemm, mem = hw.peak_flops * hw.matmul_efficiency, hw.hbm_bandwidth * hw.memory_efficiency
+        dense_rate = attention = gemm
+        permute = elementwise = mem
+        anchor = 1.0
+    else:
+        dense_rate, attention = r.dense_gemm, r.attention
+        permute, elementwise = r.permute, r.elementwise
+        ref = _gemm(8192, 8192, 8192, hw.gemm_half_size)  # the shape the rate was measured on
+        anchor = ref[0] / ref[1]  # its shape efficiency, which the measured rate includes
+    out = {"dense GEMMs": passes * work.dense * anchor / dense_rate}
+    for c, flops, weighted in work.grouped:
+        if r is None:
+            out[f"grouped GEMMs fwd ({c})"] = fwd * weighted / gemm
+            out[f"grouped GEMMs bwd ({c})"] = bwd * weighted / gemm
+        else:
+            out[f"grouped GEMMs fwd ({c})"] = fwd * flops / r.grouped(c)
+            out[f"grouped GEMMs bwd ({c})"] = bwd * flops / r.grouped(c, backward=True)
+    out["attention"] = passes * work.attention / attention
+    out["permute"] = passes * work.permute / permute
+    out["elementwise"] = passes * (work.bytes - work.permute) / elementwise
+    return out
+
+
+def optimizer_seconds(params: float, hw: Hardware) -> float:
+    """AdamW's step over ``params`` fp32 parameters: 28 bytes each (read parameter,
+    gradient and both moments, write parameter and moments), memory-bound."""
+    rate = hw.rates.elementwise if hw.rates is not None else (hw.hbm_bandwidth
+                                                              * hw.memory_efficiency)
+    return 28 * params / rate
 
 
 def bubble_slots(layout: Layout) -> float:

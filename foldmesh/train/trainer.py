@@ -35,6 +35,7 @@ from ..pipeline import apply_pipeline
 from . import checkpoint as ckpt
 from ._corpus import token_dir
 from ._dashboards import open_dashboards
+from ._plan_check import PlanCheck
 from ._profiling import StepProfiler
 from ._run_config import write_run_config
 from .build import (
@@ -104,6 +105,9 @@ class Trainer:
         self.profiler = StepProfiler(cfg, self.rank, self.device)
         self.flops = flops_per_token(self.model_cfg, cfg.data.seq_len)
         self.peak = peak_flops(self.device)
+        # the planner's step time against the measured one, once (foldmesh/train/_plan_check)
+        self.plan_check = PlanCheck(cfg, dist.get_world_size(), self.device, self.log,
+                                    enabled=self.rank == 0)
 
     def _track_experts(self) -> None:
         """Per optimizer step: each MoE layer's expert counts and dropped tokens, summed over
@@ -322,10 +326,12 @@ class Trainer:
             start = time.perf_counter()
             with self.profiler.step(self.step + 1, last):
                 out = self.train_step()
+            self.plan_check.step_done(self.step, time.perf_counter() - start)
             since += 1
             if self.step % every == 0 or self.step == last:
                 seconds = time.perf_counter() - tick
                 self.log.log_train(self._record(out, seconds, since))
+                self.plan_check.logged(self.step)
                 tick, since = time.perf_counter(), 0
             self.log.progress_update(self.step, out["loss"],
                                      tokens_per_step / (time.perf_counter() - start))

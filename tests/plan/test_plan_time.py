@@ -1,6 +1,7 @@
 """The time model's pieces that can be checked without a GPU: which groups cross nodes, the
 alpha-beta terms, the bubble of each schedule."""
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -81,23 +82,30 @@ WORK, SAMPLE = _sample_layouts()
 
 
 @settings(max_examples=40, deadline=None, database=None)
-@given(layout=st.sampled_from(SAMPLE))
-def test_estimates_add_up(layout):
-    """Every part of the step time is a time (>= 0), the step is their sum, the exposed
-    gradient sync is at most what its collectives take, and MFU follows from the step."""
+@given(layout=st.sampled_from(SAMPLE), gpu=st.sampled_from(["h100", "h200"]))
+def test_estimates_add_up(layout, gpu):
+    """Every part of the step time is a time (>= 0), the step is their sum, the compute is
+    the sum of its kernels (calibrated fractions on H100, measured rates on H200), the
+    exposed gradient sync is at most what its collectives take, and MFU follows from the
+    step."""
     from foldmesh.plan import estimate
     from foldmesh.train.flops import flops_per_token
 
-    e = estimate(WORK, layout, HARDWARE["h100"])
+    hw = HARDWARE[gpu]
+    assert (hw.rates is not None) == (gpu == "h200")
+    e = estimate(WORK, layout, hw)
     assert all(v >= 0 for v in e.time.values()), e.time
     assert e.step_time == sum(e.time.values())
-    sync = sum(collective_time(c, layout.fold, HARDWARE["h100"]) for c in e.collectives
+    assert all(v > 0 for v in e.compute_parts.values()), e.compute_parts
+    assert sum(e.compute_parts.values()) == pytest.approx(e.time["compute"], rel=1e-12)
+    assert e.largest_term()[1] <= e.step_time
+    sync = sum(collective_time(c, layout.fold, hw) for c in e.collectives
                if c.scope == "step")
     assert e.time.get("dp", 0) + e.time.get("edp", 0) <= sync * (1 + 1e-9)
     tokens = WORK.global_batch * WORK.seq_len
     assert e.tokens_per_s_per_gpu == tokens / e.step_time / 64
     assert e.mfu == flops_per_token(WORK.model, WORK.seq_len) * tokens / (
-        HARDWARE["h100"].peak_flops * 64 * e.step_time)
+        hw.peak_flops * 64 * e.step_time)
     assert 0 < e.mfu < e.mfu_megatron < 1
 
 
