@@ -1,5 +1,6 @@
 """MoE layer: router, token dispatch over the folded MoE view, experts, shared expert."""
 
+from .balance import apply_force_balance
 from .experts import GroupedExperts, SharedExpert
 from .layer import MoE, MoEConfig
 from .parallel import apply_moe_parallel
@@ -14,5 +15,6 @@ __all__ = [
     "RouterConfig",
     "RouterOutput",
     "SharedExpert",
+    "apply_force_balance",
     "apply_moe_parallel",
 ]

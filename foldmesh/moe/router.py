@@ -97,6 +97,13 @@ class RouterConfig:
     """Standard deviation of the normal init of the gate weight."""
     router_dtype: str = "fp32"
     """"fp32" or "fp64": dtype of the logits, scores and losses (outputs are fp32)."""
+    force_balance: bool = False
+    """Benchmarking only: ignore the scores when choosing experts and spread each rank's
+    tokens evenly and deterministically (token t's copy j goes to expert (t·k + j) mod E):
+    every expert gets N·k/E of a rank's N tokens when E divides N·k, otherwise the counts
+    differ by at most one. The weights, losses and gradients are computed as usual at the
+    chosen experts. Megatron-Core's published throughput is measured this way
+    (``--moe-router-force-load-balancing``); ``foldmesh.moe.apply_force_balance`` sets it."""
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_experts", "topk"):
@@ -221,6 +228,14 @@ def expert_counts(indices: torch.Tensor, num_bins: int) -> torch.Tensor:
     return out.scatter_add_(0, flat, torch.ones_like(flat))
 
 
+def balanced_indices(sel: torch.Tensor, topk: int) -> torch.Tensor:
+    """[N, k] int64: token t's copy j to expert (t·k + j) mod E, whatever ``sel`` [N, E]
+    says: k distinct experts per token (k <= E), every expert N·k/E times when E | N·k."""
+    n, e = sel.shape
+    slots = torch.arange(n * topk, device=sel.device, dtype=torch.int64).view(n, topk)
+    return slots % e
+
+
 def _select(sel: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
     """Top-k indices [N, k] of the selection scores ``sel`` [N, E], group-limited if set."""
     if cfg.num_groups is None:
@@ -259,7 +274,7 @@ def route(
     sel = base.detach()
     if expert_bias is not None:
         sel = sel + expert_bias.to(sel.dtype)
-    indices = _select(sel, cfg)
+    indices = balanced_indices(sel, cfg.topk) if cfg.force_balance else _select(sel, cfg)
     weights = base.gather(1, indices)
     if cfg.score_function == "softmax" and not cfg.pre_softmax:
         weights = torch.softmax(weights, dim=-1)

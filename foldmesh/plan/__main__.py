@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="token dropping with this capacity (default: the model's)")
+    p.add_argument("--imbalance", type=float, default=1.0,
+                   help="max/mean expert load of a learned router, as the trainer's expert-"
+                        "load metrics report it (default 1: force-balanced routing)")
     p.add_argument("--mbs", default="1,2", help="micro-batch sizes to search")
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--fold", default=None, help="evaluate this fold instead of searching")
@@ -157,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(args.model)
         if args.capacity_factor is not None:
             model = dataclasses.replace(model, capacity_factor=args.capacity_factor)
-        workload = Workload(model, args.global_batch, args.seq_len, compute_dtype=args.dtype)
+        workload = Workload(model, args.global_batch, args.seq_len, compute_dtype=args.dtype,
+                            expert_imbalance=args.imbalance)
         if args.dry_run:
             return _dry_run(args, workload, hw)
         if args.fold:

@@ -142,6 +142,8 @@ def _rank_time(workload: Workload, layout: Layout, hw: Hardware, rank: int,
     links: dict = {}
     for c in colls:
         t = collective_time(c, f, hw, links)
+        if c.kind == "all_to_all":  # the dispatch: the busiest expert's rank receives most
+            t *= workload.load_factor
         cat = CATEGORY.get(c.group, "dp")
         if c.scope == "step" and c.what.startswith("FSDP"):
             if c.kind == "all_gather":

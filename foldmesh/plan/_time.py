@@ -197,7 +197,8 @@ def layer_work(cfg: ModelConfig, fold: Fold, workload: Workload, micro_batch: in
         # each rank runs its El experts on the rows of its etp group: etp * T * k rows in
         # balance, each expert's FFN split over etp
         local = cfg.num_experts // fold.ep
-        rows = fold.etp * t * k / local
+        # the busiest expert's rank gates the step (Workload.expert_imbalance)
+        rows = fold.etp * t * k / local * workload.load_factor
         up = (*_gemm(rows, f / fold.etp, h, half), shape_class(rows, h, f / fold.etp))
         down = (*_gemm(rows, h, f / fold.etp, half), shape_class(rows, f / fold.etp, h))
         for _ in range(local):

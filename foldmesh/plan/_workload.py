@@ -36,6 +36,13 @@ class Workload:
         pad_to_capacity: pad every expert to its capacity (static shapes; needs a
             ``capacity_factor``). Otherwise routing is assumed perfectly balanced.
         dispatcher: the MoE token dispatcher, "alltoall" (Figure 2) or "allgather".
+        expert_imbalance: the busiest expert's tokens over the mean (max/mean, >= 1), as the
+            trainer's expert-load metrics report it for a learned router; 1.0 is the
+            balanced routing of ``moe.force_balance`` (how Megatron-Core's figures are
+            measured). The busiest expert's rank computes and receives that much more,
+            and every rank waits for it: the time model scales the routed experts' GEMMs
+            and the dispatch all-to-alls by it (up to the capacity, when one is set). The
+            collectives' bytes stay the balanced ones.
     """
 
     model: ModelConfig
@@ -44,8 +51,12 @@ class Workload:
     compute_dtype: str = "bf16"
     pad_to_capacity: bool = False
     dispatcher: str = "alltoall"
+    expert_imbalance: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.expert_imbalance >= 1.0:
+            raise FoldError(f"Workload.expert_imbalance must be >= 1 (max over mean expert "
+                            f"load; 1 = balanced), got {self.expert_imbalance!r}")
         for name in ("global_batch", "seq_len"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -59,6 +70,16 @@ class Workload:
         if self.dispatcher not in ("alltoall", "allgather"):
             raise FoldError(f"dispatcher must be 'alltoall' or 'allgather', "
                             f"got {self.dispatcher!r}")
+
+    @property
+    def load_factor(self) -> float:
+        """How much more the busiest expert's rank computes and receives than the mean:
+        ``expert_imbalance``, capped where a capacity drops the excess."""
+        cap = self.model.capacity_factor
+        if self.pad_to_capacity:
+            return 1.0  # every expert holds exactly its capacity
+        return min(self.expert_imbalance, max(cap, 1.0)) if cap is not None \
+            else self.expert_imbalance
 
     @property
     def act_bytes(self) -> int:

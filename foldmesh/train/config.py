@@ -152,6 +152,14 @@ class CheckpointSection:
 
 
 @dataclass
+class MoESection:
+    force_balance: bool = False
+    """Benchmarking only: every router ignores its scores and spreads each rank's tokens
+    evenly over the experts (``foldmesh.moe.apply_force_balance``), as Megatron-Core's
+    published figures are measured. The trainer says so at start and in metrics.jsonl."""
+
+
+@dataclass
 class MetricsSection:
     log_every: int = 10
     """A log line and a metrics.jsonl record every this many steps."""
@@ -184,4 +192,5 @@ class TrainConfig:
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    moe: MoESection = field(default_factory=MoESection)
     metrics: MetricsSection = field(default_factory=MetricsSection)

@@ -22,6 +22,7 @@ import contextlib
 import os
 import resource
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,7 @@ import torch.distributed as dist
 from .. import clip_grad_norm_, cross_entropy, reduce_gradients
 from .._sequence import _cp_chunks, replica_tokens
 from ..loss import local_cross_entropy
-from ..moe import MoE, Router
+from ..moe import MoE, Router, apply_force_balance
 from ..moe.router import recomputing
 from ..pipeline import apply_pipeline
 from . import checkpoint as ckpt
@@ -56,6 +57,11 @@ class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient norm with ``training.on_nonfinite = "stop"``."""
 
 
+FORCE_BALANCE = ("moe.force_balance = true: the routers ignore their scores and spread the "
+                 "tokens evenly over the experts; for benchmarking only, the model does not "
+                 "learn to route")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -67,6 +73,9 @@ class Trainer:
         f = self.fm.fold
         self.dp, self.cp = f.dp, f.cp
         self.parts = build_model(cfg, self.fm, self.device)
+        if cfg.moe.force_balance:
+            for part in self.parts:
+                apply_force_balance(part)
         self.model_cfg = self.parts[0].config
         built = [build_optimizer(cfg, part) for part in self.parts]
         self.optimizers = [o for o, _ in built]
@@ -102,6 +111,9 @@ class Trainer:
                                  sinks=open_dashboards(cfg, self.rank == 0))
         if self.rank == 0:  # what python -m foldmesh.generate rebuilds the model from
             write_run_config(cfg)
+        if cfg.moe.force_balance and self.rank == 0:
+            warnings.warn(FORCE_BALANCE, stacklevel=2)
+            self.log.log_event(0, FORCE_BALANCE)
         self.profiler = StepProfiler(cfg, self.rank, self.device)
         self.flops = flops_per_token(self.model_cfg, cfg.data.seq_len)
         self.peak = peak_flops(self.device)

@@ -123,3 +123,35 @@ def test_the_trainers_peak_rates_are_the_presets(monkeypatch):
         assert peak_flops(torch.device("cuda", 0)) == HARDWARE[preset].peak_flops, name
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA T4")
     assert peak_flops(torch.device("cuda", 0)) is None
+
+
+def test_a_learned_routers_imbalance_slows_the_experts_and_the_dispatch():
+    """expert_imbalance (max/mean expert load) scales the routed experts' GEMMs and the
+    dispatch all-to-alls by exactly that factor; the balanced case (moe.force_balance) is 1;
+    padded experts and a capacity bound it; bytes stay the balanced ones."""
+    from dataclasses import replace
+
+    from foldmesh.models import preset
+    from foldmesh.plan import Workload, estimate, hardware
+
+    cfg = preset("mixtral-8x22b")
+    layout = Layout(Fold(tp=2, ep=8, pp=8).resolve(128))
+    hw = hardware("h200")
+    even = estimate(Workload(cfg, 256, 4096), layout, hw)
+    skew = estimate(Workload(cfg, 256, 4096, expert_imbalance=1.5), layout, hw)
+    grouped = [k for k in even.compute_parts if k.startswith("grouped")]
+    assert grouped
+    for k in grouped:
+        assert skew.compute_parts[k] == pytest.approx(1.5 * even.compute_parts[k])
+    a2a = sum(collective_time(c, layout.fold, hw) for c in even.collectives
+              if c.kind == "all_to_all" and c.group == "ep")
+    assert a2a > 0
+    assert skew.time["ep"] - even.time["ep"] == pytest.approx(0.5 * a2a)
+    assert skew.step_time > even.step_time and skew.comm_bytes == even.comm_bytes
+    capped = replace(cfg, capacity_factor=1.25)
+    assert Workload(capped, 256, 4096, expert_imbalance=1.5).load_factor == 1.25
+    padded = replace(cfg, capacity_factor=1.0, pad_to_capacity=True)
+    assert Workload(padded, 256, 4096, pad_to_capacity=True,
+                    expert_imbalance=3.0).load_factor == 1.0
+    with pytest.raises(Exception, match="expert_imbalance must be >= 1"):
+        Workload(cfg, 256, 4096, expert_imbalance=0.5)
