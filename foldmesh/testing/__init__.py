@@ -18,6 +18,7 @@ forward or backward) for checks against what a layer's docs promise.
 
 from ._comm import CollectiveCounter, CollectiveRecord
 from ._compare import TOLERANCES, assert_close_to_reference, full, load_reference
+from ._order import group_sequences, order_mismatches
 from ._pool import RankError, RankPool, RankTimeout, folded_mesh
 
 # The fold strategies need hypothesis (the ``testing`` extra); the rank pool and the
@@ -49,5 +50,7 @@ __all__ = [
     "folded_mesh",
     "folds",
     "full",
+    "group_sequences",
     "load_reference",
+    "order_mismatches",
 ]

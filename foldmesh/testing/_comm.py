@@ -126,6 +126,9 @@ class CollectiveRecord:
         op: the dispatcher op, e.g. ``"_c10d_functional::all_to_all_single"``.
         group: the c10d group name.
         aliases: every fold name of that group (empty for ``"default"``/``"unknown"``).
+        ranks: the group's global ranks, in group-rank order (the same on every member,
+            whatever names the fold gives it: what ``foldmesh.testing.order_mismatches``
+            keys on).
     """
 
     kind: str
@@ -136,6 +139,7 @@ class CollectiveRecord:
     op: str
     group: str
     aliases: tuple[str, ...]
+    ranks: tuple[int, ...] = ()
 
 
 # ----------------------------------------------------------------------------- payloads
@@ -280,6 +284,7 @@ class CollectiveCounter(TorchDispatchMode):
         self.records: list[CollectiveRecord] = []
         self._groups = _fold_groups(fm)
         self._labels = {g: _label(names) for g, names in self._groups.items()}
+        self._ranks: dict[str, tuple[int, ...]] = {}
 
     # ------------------------------------------------------------------ recording
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -304,11 +309,13 @@ class CollectiveCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         group = pg.group_name
         axis, aliases = self._axis(pg)
+        if group not in self._ranks:
+            self._ranks[group] = tuple(dist.get_process_group_ranks(pg))
         for kind, nbytes in pieces:
             self.records.append(CollectiveRecord(
                 kind=kind, axis=axis, group_size=size, bytes=int(nbytes),
                 direction="backward" if backward else "forward", op=func._schema.name,
-                group=group, aliases=aliases))
+                group=group, aliases=aliases, ranks=self._ranks[group]))
         return out
 
     def _axis(self, pg: dist.ProcessGroup) -> tuple[str, tuple[str, ...]]:
