@@ -6,7 +6,9 @@
    styles). Between blocks each rank holds its ``[b, S/(cp·tp), H]`` slice of the residual
    stream; attention and dense MLPs all-gather it over tp, run column-parallel then
    row-parallel projections (heads and FFN split over tp) and reduce-scatter back. Norms run
-   on the sequence shards with weights replicated over tp. TP comes first because it swaps
+   on the sequence shards with weights replicated over tp. Multi-head Latent Attention runs
+   its down-projections on the sequence shards instead and all-gathers the latents, which
+   are smaller than the hidden states (``apply_tp_mla``). TP comes first because it swaps
    ``nn.Linear`` weights for DTensors, which the later steps must see.
 2. **Context parallelism** over ``fm["cp"]``: each rank keeps two load-balanced sequence
    chunks (see ``foldmesh._sequence``); attention all-gathers K/V over cp.
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -77,7 +79,8 @@ def parallelize(model: Transformer, fm: FoldedMesh, *, dispatcher: str = "alltoa
 
     Raises:
         FoldError: a size the fold cannot split, a whole model with pp > 1 (or a stage with
-            pp = 1), or tp > 1 without sequence parallelism.
+            pp = 1), tp > 1 without sequence parallelism, or cp > 1 with Multi-head Latent
+            Attention (not implemented yet).
     """
     check_model(model, fm, sequence_parallel)
     if activation_checkpoint not in AC_MODES:
@@ -121,6 +124,11 @@ def check_model(model: Transformer, fm: FoldedMesh, sequence_parallel: bool = Tr
             f"tp = {f.tp} without sequence parallelism: every tp rank would route the same "
             "tokens through the MoE layers; keep sequence_parallel=True or set tp = 1"
         )
+    if cfg.is_mla and f.cp > 1:
+        raise FoldError(
+            f"cp = {f.cp}: context parallelism for Multi-head Latent Attention (ModelConfig."
+            f"kv_lora_rank = {cfg.kv_lora_rank}) is not implemented yet; use cp = 1 and "
+            "split the sequence over tp instead")
     for name, size in cfg.tp_split_sizes().items():
         if size % f.tp:
             raise FoldError(f"ModelConfig.{name} = {size} is not divisible by tp = {f.tp}; "
@@ -150,17 +158,11 @@ def apply_tp(model: Transformer, fm: FoldedMesh) -> None:
             "attn_norm": SequenceParallel(),
             # an MoE layer takes the rank's own tokens as a plain tensor (and returns one)
             "ffn_norm": SequenceParallel(use_local_output=block.is_moe),
-            "attn": PrepareModuleInput(input_layouts=(seq, None),
-                                       desired_input_layouts=(Replicate(), None)),
-            "attn.q_proj": ColwiseParallel(),
-            "attn.k_proj": ColwiseParallel(),
-            "attn.v_proj": ColwiseParallel(),
-            "attn.o_proj": RowwiseParallel(output_layouts=seq),
         }
-        if block.attn.q_norm is not None:
-            # per-head norms on this rank's heads [b, L, heads/tp, D]: weights replicated
-            plan["attn.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
-            plan["attn.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        if model.config.is_mla:
+            plan.update(_mla_plan(block.attn))
+        else:
+            plan.update(_attention_plan(block.attn))
         if not block.is_moe:
             plan.update({
                 "ffn": PrepareModuleInput(input_layouts=(seq,),
@@ -170,6 +172,75 @@ def apply_tp(model: Transformer, fm: FoldedMesh) -> None:
                 "ffn.down_proj": RowwiseParallel(output_layouts=seq),
             })
         parallelize_module(block, tp, plan)
+        if model.config.is_mla:
+            block.attn.kv_a_proj.register_forward_hook(_gather_kv_latent(block.attn.latent))
+
+
+def _attention_plan(attn) -> dict:
+    """Grouped-query attention: all-gather the sequence, heads over tp, reduce-scatter."""
+    seq = Shard(1)
+    plan = {
+        "attn": PrepareModuleInput(input_layouts=(seq, None),
+                                   desired_input_layouts=(Replicate(), None)),
+        "attn.q_proj": ColwiseParallel(),
+        "attn.k_proj": ColwiseParallel(),
+        "attn.v_proj": ColwiseParallel(),
+        "attn.o_proj": RowwiseParallel(output_layouts=seq),
+    }
+    if attn.q_norm is not None:
+            # per-head norms on this rank's heads [b, L, heads/tp, D]: weights replicated
+        plan["attn.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        plan["attn.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+    return plan
+
+
+def _mla_plan(attn) -> dict:
+    """Multi-head Latent Attention over tp (docs/placements.md, "Multi-head Latent
+    Attention"). Heads are split over tp: the up-projections (``q_b_proj`` or ``q_proj``,
+    ``kv_b_proj``) are column-parallel and ``o_proj`` row-parallel, as in ``_attention_plan``.
+    The down-projections (``q_a_proj``, ``kv_a_proj``) and ``q_a_norm`` run sequence-parallel
+    on this rank's tokens ``[b, S/tp, H]`` with weights replicated over tp, so what is
+    all-gathered is the latents (Rq + Rkv + Dr values per token instead of H):
+
+    - the query latent ``[b, S, Rq]`` by ``q_b_proj`` (``Shard(1)`` -> ``Replicate``;
+      backward reduce-scatter); without ``q_lora_rank``, ``q_proj`` all-gathers x itself;
+    - the key/value latent ``[b, S, Rkv + Dr]`` by ``_gather_kv_latent`` on ``kv_a_proj``'s
+      output; ``kv_a_norm`` then runs on the whole sequence, its weight a plain tensor whose
+      gradient is the same on every tp rank.
+    """
+    seq = Shard(1)
+    plan = {"attn.kv_a_proj": SequenceParallel(use_local_output=False),
+            "attn.kv_b_proj": ColwiseParallel(),
+            "attn.o_proj": RowwiseParallel(output_layouts=seq)}
+    if attn.q_proj is not None:
+        plan["attn.q_proj"] = ColwiseParallel(input_layouts=seq)
+    else:
+        plan.update({"attn.q_a_proj": SequenceParallel(use_local_output=False),
+                     "attn.q_a_norm": SequenceParallel(use_local_output=False),
+                     "attn.q_b_proj": ColwiseParallel()})
+    return plan
+
+
+def _gather_kv_latent(latent: int):
+    """Forward hook on ``kv_a_proj``: its output ``[b, S, Rkv + Dr]`` (``Shard(1)`` over tp)
+    -> this rank's local copy of the whole sequence, all-gathered in two parts whose
+    gradients differ.
+
+    The latent c ``[..., :Rkv]`` feeds the column-parallel ``kv_b_proj``, whose input
+    gradient comes back complete (``ColwiseParallel`` all-reduces it): ``Replicate``, and
+    its backward keeps this rank's rows. The RoPE key ``[..., Rkv:]`` feeds this rank's heads
+    directly, so its gradient is this rank's share of the sum over all heads: ``Partial``,
+    and its backward reduce-scatters.
+    """
+
+    def hook(module, args, out):
+        c, k_rot = out[..., :latent], out[..., latent:]
+        c = c.redistribute(placements=[Replicate()]).to_local()
+        k_rot = k_rot.redistribute(placements=[Replicate()]).to_local(
+            grad_placements=[Partial()])
+        return torch.cat([c, k_rot], dim=-1)
+
+    return hook
 
 
 def _shard_inputs(fm: FoldedMesh):

@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE) in and out of foldmesh.
+"""Hugging Face checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 and Kimi K2 /
+Moonlight, which share its architecture) in and out of foldmesh.
 
     model = from_pretrained("Qwen3-30B-A3B/", mesh=mesh)   # each rank reads its shards
     save_pretrained(model, "out/")                         # every rank calls; rank 0 writes

@@ -1,4 +1,4 @@
-"""Hugging Face config.json <-> ``ModelConfig`` for Mixtral, Qwen2-MoE and Qwen3-MoE.
+"""Hugging Face config.json <-> ``ModelConfig`` for Mixtral, Qwen2-MoE, Qwen3-MoE and DeepSeek-V3.
 
 Routing in the three families, and the foldmesh settings that compute the same weights:
 
@@ -6,6 +6,14 @@ Routing in the three families, and the foldmesh settings that compute the same w
   (``softmax_over_all=False``).
 - Qwen2/3-MoE: softmax over all E, top k, renormalise only if ``norm_topk_prob``
   (``softmax_over_all=True, normalize_topk=norm_topk_prob``).
+- DeepSeek-V3 (also Kimi K2, Moonlight: ``model_type`` "kimi_k2" or "deepseek_v3" with
+  ``DeepseekV3ForCausalLM``, which transformers' class reads): sigmoid scores plus the
+  correction bias select the top k among the ``topk_group`` best of ``n_group`` groups (each
+  scored by its 2 best biased scores); the weights are the unbiased sigmoids, renormalised if
+  ``norm_topk_prob``, times ``routed_scaling_factor`` (``score_function="sigmoid",
+  expert_bias=True``, groups, ``routed_scaling_factor``). Multi-head Latent Attention, dense
+  first layers and ``n_shared_experts`` shared experts of ``moe_intermediate_size`` each (one
+  ungated shared expert of their total size).
 
 Training-only settings (capacity factor, balancing losses) have no config.json counterpart:
 they take ``ModelConfig``'s defaults on load (override them with ``config_overrides``) and
@@ -21,7 +29,15 @@ from ..models.rope import Yarn
 from ._names import ARCHITECTURES, CheckpointError
 
 # (rms_norm_eps, rope_theta) that transformers uses when config.json omits them.
-_DEFAULTS = {"mixtral": (1e-5, 1e6), "qwen2_moe": (1e-6, 1e4), "qwen3_moe": (1e-6, 1e4)}
+_DEFAULTS = {"mixtral": (1e-5, 1e6), "qwen2_moe": (1e-6, 1e4), "qwen3_moe": (1e-6, 1e4),
+             "deepseek_v3": (1e-6, 1e4)}
+
+# What transformers' DeepseekV3Config assumes for keys config.json omits.
+_DEEPSEEK_DEFAULTS = {"q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+                      "qk_rope_head_dim": 64, "v_head_dim": 128, "n_group": 8, "topk_group": 4,
+                      "first_k_dense_replace": 3, "norm_topk_prob": True,
+                      "routed_scaling_factor": 2.5, "n_shared_experts": 1,
+                      "rope_interleave": True}
 
 # Keys of a loaded config.json that foldmesh does not model but writes back unchanged.
 _PASSTHROUGH = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings",
@@ -123,7 +139,7 @@ def config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
         vocab_size=_need(hf, "vocab_size"), hidden_size=_need(hf, "hidden_size"),
         num_layers=_need(hf, "num_hidden_layers"), num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim"),
-        num_experts=_need(hf, "num_local_experts", "num_experts"),
+        num_experts=_need(hf, "num_local_experts", "num_experts", "n_routed_experts"),
         topk=_need(hf, "num_experts_per_tok"),
         rope_theta=theta, rope_scaling=rope_scaling, norm_eps=float(hf.get("rms_norm_eps", eps)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -131,6 +147,8 @@ def config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
     )
     if model_type == "mixtral":
         return ModelConfig(**common, expert_ffn_size=_need(hf, "intermediate_size")), arch
+    if model_type == "deepseek_v3":
+        return ModelConfig(**{**common, **_deepseek(hf, heads)}), arch
     qwen = dict(
         expert_ffn_size=_need(hf, "moe_intermediate_size"),
         ffn_size=hf.get("intermediate_size") or 0, softmax_over_all=True,
@@ -151,8 +169,58 @@ def config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
     return ModelConfig(**common, **qwen, qk_norm=True), arch
 
 
+def _deepseek(hf: dict, heads: int) -> dict:
+    """The DeepSeek-V3-specific ``ModelConfig`` fields of a config.json."""
+
+    def get(key):
+        return hf[key] if key in hf else _DEEPSEEK_DEFAULTS[key]
+
+    if hf.get("quantization_config"):
+        raise CheckpointError("config.json has a quantization_config (e.g. DeepSeek's FP8 "
+                              "weights): foldmesh reads unquantized weights; convert them to "
+                              "bf16 first (DeepSeek's fp8_cast_bf16.py) and drop the key")
+    for key, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
+        if hf.get(key, want) != want:
+            raise CheckpointError(
+                f"config.json {key}={hf[key]!r} is not supported for DeepseekV3ForCausalLM: "
+                f"its router (as transformers runs it) is {key}={want!r}")
+    if hf.get("moe_layer_freq", 1) != 1:
+        raise CheckpointError(f"config.json moe_layer_freq={hf['moe_layer_freq']} is not "
+                              "supported: every layer after first_k_dense_replace is MoE "
+                              "in DeepseekV3ForCausalLM; set it to 1")
+    if hf.get("attention_bias"):
+        raise CheckpointError("config.json attention_bias=true is not supported: foldmesh's "
+                              "Multi-head Latent Attention has no biases")
+    if hf.get("num_key_value_heads") not in (None, heads):
+        raise CheckpointError(
+            f"config.json num_key_value_heads={hf['num_key_value_heads']} differs from "
+            f"num_attention_heads={heads}: Multi-head Latent Attention has a key and a value "
+            "per head; set num_key_value_heads to num_attention_heads")
+    shared = get("n_shared_experts") or 0
+    if shared <= 0:
+        raise CheckpointError(f"config.json n_shared_experts={shared} is not supported: "
+                              "DeepseekV3ForCausalLM always has a shared expert (>= 1)")
+    groups, kept = get("n_group"), get("topk_group")
+    grouped = groups is not None and groups > 1  # one group keeps every expert: no limit
+    moe = _need(hf, "moe_intermediate_size")
+    return dict(
+        num_kv_heads=heads, head_dim=None,
+        num_experts=_need(hf, "n_routed_experts", "num_local_experts"),
+        expert_ffn_size=moe, ffn_size=hf.get("intermediate_size") or 0,
+        shared_ffn_size=shared * moe, first_k_dense=get("first_k_dense_replace") or 0,
+        score_function="sigmoid", expert_bias=True, normalize_topk=bool(get("norm_topk_prob")),
+        routed_scaling_factor=float(get("routed_scaling_factor")),
+        num_expert_groups=groups if grouped else None, topk_groups=kept if grouped else None,
+        kv_lora_rank=get("kv_lora_rank"), q_lora_rank=get("q_lora_rank"),
+        qk_nope_head_dim=get("qk_nope_head_dim"), qk_rope_head_dim=get("qk_rope_head_dim"),
+        v_head_dim=get("v_head_dim"), rope_interleave=bool(get("rope_interleave")),
+    )
+
+
 def infer_architecture(cfg: ModelConfig) -> str:
     """The Hugging Face architecture whose features ``cfg`` uses (checked on save)."""
+    if cfg.is_mla:
+        return "DeepseekV3ForCausalLM"
     if cfg.shared_ffn_size:
         return "Qwen2MoeForCausalLM"
     return "Qwen3MoeForCausalLM" if cfg.qk_norm else "MixtralForCausalLM"
@@ -160,6 +228,15 @@ def infer_architecture(cfg: ModelConfig) -> str:
 
 def _unsupported(cfg: ModelConfig, architecture: str) -> str | None:
     """Why ``architecture`` cannot express ``cfg``, or None."""
+    if architecture == "DeepseekV3ForCausalLM":
+        return _unsupported_deepseek(cfg)
+    if cfg.is_mla:
+        return f"its attention is grouped-query, but kv_lora_rank={cfg.kv_lora_rank} asks for " \
+            "Multi-head Latent Attention"
+    if (cfg.score_function != "softmax" or cfg.num_expert_groups is not None
+            or cfg.routed_scaling_factor != 1.0):
+        return "its router is a plain softmax (score_function='softmax', no expert groups, " \
+            "routed_scaling_factor=1)"
     mixtral, qwen2 = architecture == "MixtralForCausalLM", architecture == "Qwen2MoeForCausalLM"
     # Renormalised top-k softmax weights equal the softmax over the k chosen logits.
     renormalised = not cfg.softmax_over_all or cfg.normalize_topk
@@ -176,6 +253,38 @@ def _unsupported(cfg: ModelConfig, architecture: str) -> str | None:
     if mixtral and not renormalised:
         return "it renormalises the top-k weights (softmax_over_all=True, normalize_topk=False)"
     return None
+
+
+def _unsupported_deepseek(cfg: ModelConfig) -> str | None:
+    if not cfg.is_mla:
+        return "its attention is Multi-head Latent Attention (set kv_lora_rank and the MLA sizes)"
+    if cfg.score_function != "sigmoid" or not cfg.expert_bias:
+        return "its router scores are sigmoids with a correction bias (score_function=" \
+            "'sigmoid', expert_bias=True)"
+    if not cfg.shared_ffn_size or cfg.shared_gate or cfg.shared_ffn_size % cfg.expert_ffn_size:
+        return ("it has ungated shared experts of expert_ffn_size each (shared_ffn_size a "
+                f"positive multiple of {cfg.expert_ffn_size}, shared_gate=False)")
+    if cfg.dense_layer_ids != tuple(range(cfg.first_k_dense)):
+        return f"only its first layers are dense (first_k_dense), but {cfg.dense_layer_ids} are"
+    if cfg.tie_embeddings:
+        return "its output projection is not tied to the embedding (tie_embeddings=False)"
+    return None
+
+
+def _deepseek_config(cfg: ModelConfig) -> dict:
+    groups = cfg.num_expert_groups or 1
+    return dict(
+        n_routed_experts=cfg.num_experts, moe_intermediate_size=cfg.expert_ffn_size,
+        n_shared_experts=cfg.shared_ffn_size // cfg.expert_ffn_size,
+        first_k_dense_replace=cfg.first_k_dense, moe_layer_freq=1,
+        n_group=groups, topk_group=cfg.topk_groups or 1, norm_topk_prob=cfg.normalize_topk,
+        routed_scaling_factor=cfg.routed_scaling_factor, scoring_func="sigmoid",
+        topk_method="noaux_tc", kv_lora_rank=cfg.kv_lora_rank, q_lora_rank=cfg.q_lora_rank,
+        qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
+        v_head_dim=cfg.v_head_dim, rope_interleave=cfg.rope_interleave, attention_bias=False,
+        # MTP layers are not loaded, so not saved either
+        num_nextn_predict_layers=0,
+    )
 
 
 def hf_config_from(cfg: ModelConfig, architecture: str, base: dict | None = None) -> dict:
@@ -210,6 +319,13 @@ def hf_config_from(cfg: ModelConfig, architecture: str, base: dict | None = None
     if model_type == "mixtral":
         out.update(num_local_experts=cfg.num_experts, intermediate_size=cfg.expert_ffn_size,
                    sliding_window=None)
+        return out
+    if model_type == "deepseek_v3":
+        out.pop("head_dim")  # transformers derives it (qk_rope_head_dim)
+        out.update(_deepseek_config(cfg))
+        if cfg.ffn_size:  # else (no dense layer) the loaded config's, or a placeholder
+            out["intermediate_size"] = cfg.ffn_size
+        out.setdefault("intermediate_size", cfg.expert_ffn_size)
         return out
     out.update(
         num_experts=cfg.num_experts, moe_intermediate_size=cfg.expert_ffn_size,

@@ -25,7 +25,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from ..models import Transformer
 from ..moe import Router
 from ._config import config_from_hf, infer_architecture
-from ._names import CheckpointError, Source, Tensor, canonical, ignored, tensor_map
+from ._names import CheckpointError, Source, Tensor, canonical, ignored, mtp_layer, tensor_map
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -64,14 +64,14 @@ def weight_files(path: Path) -> dict[str, Path]:
 
 
 def _check_names(sources: dict[str, Source], files: dict[str, Path], tied: bool,
-                 path: Path) -> None:
+                 path: Path, skipped=lambda hf_name: False) -> None:
     wanted = {hf: fm for fm, src in sources.items() for hf in src.hf_names()}
     missing = [hf for hf in wanted if hf not in files]
     if missing:
         listed = ", ".join(f"{hf!r} (foldmesh parameter {wanted[hf]!r})" for hf in missing[:5])
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensor(s): {listed}; "
                               "check that config.json matches the weights")
-    extra = [hf for hf in files if hf not in wanted and not ignored(hf)
+    extra = [hf for hf in files if hf not in wanted and not ignored(hf) and not skipped(hf)
              and not (tied and hf == "lm_head.weight")]
     if extra:
         raise CheckpointError(f"checkpoint {path} has {len(extra)} tensor(s) that no foldmesh "
@@ -137,10 +137,14 @@ def _fill(p: torch.Tensor, src: Source, slice_of) -> None:
 def load_hf_weights(model: Transformer, path: str | Path, architecture: str | None = None
                     ) -> None:
     """Fill every parameter of ``model`` (materialised, possibly sharded) from the Hugging
-    Face checkpoint directory ``path``, casting to each parameter's dtype; zero the routers'
-    buffers (expert bias, counters), which Hub checkpoints do not have.
+    Face checkpoint directory ``path``, casting to each parameter's dtype. The routers' expert
+    bias comes from DeepSeek-V3's ``e_score_correction_bias``; every other router buffer
+    (counters; the bias of the other families, which Hub checkpoints lack) is zeroed.
 
-    Every name and shape is checked before anything is read. A pipeline stage loads the
+    Every name and shape is checked before anything is read: a tensor the model lacks or
+    has no use for is an error, except stale rotary buffers and DeepSeek-V3's
+    multi-token-prediction layers (``num_nextn_predict_layers`` after the last layer), which
+    are skipped: foldmesh does not load MTP weights yet. A pipeline stage loads the
     parameters it holds.
 
     Raises:
@@ -157,7 +161,17 @@ def load_hf_weights(model: Transformer, path: str | Path, architecture: str | No
         if name not in sources:
             raise CheckpointError(f"foldmesh parameter {name!r} has no counterpart in {arch}; "
                                   "load into a Transformer built from this checkpoint's config")
-    _check_names(sources, files, model.config.tie_embeddings, path)
+    for m in model.modules():
+        if isinstance(m, Router):
+            for b in m.buffers(recurse=False):
+                b.zero_()
+    # checkpointed buffers (the expert bias) are filled like parameters
+    params.update({canonical(n): b for n, b in model.named_buffers() if canonical(n) in sources})
+    hf_config = getattr(model, "hf_config", None)
+    if hf_config is None and (path / CONFIG_NAME).is_file():
+        hf_config = read_config(path)
+    _check_names(sources, files, model.config.tie_embeddings, path,
+                 lambda hf: mtp_layer(hf, model.config, arch, hf_config or {}))
     with ExitStack() as stack:
         handles = {}
 
@@ -178,10 +192,6 @@ def load_hf_weights(model: Transformer, path: str | Path, architecture: str | No
                                           "check that config.json matches the weights")
         for name, p in params.items():
             _fill(p, sources[name], slice_of)
-    for m in model.modules():
-        if isinstance(m, Router):
-            for b in m.buffers(recurse=False):
-                b.zero_()
     model.tie_weights()
 
 

@@ -2,10 +2,12 @@
 
 Dimension legend: V vocabulary, H hidden, E experts, F expert FFN size.
 
-Hub checkpoints of the three families store every routed expert as its own ``nn.Linear``
+Hub checkpoints of the four families store every routed expert as its own ``nn.Linear``
 weights ([F, H] for gate and up, [H, F] for down). foldmesh stacks them into
 ``w_gate``/``w_up`` [E, H, F] and ``w_down`` [E, F, H]: expert e's slice is the transpose of
-its Hub tensor. Every other parameter is one Hub tensor with the same layout.
+its Hub tensor. Every other parameter is one Hub tensor with the same layout, and so is one
+buffer: DeepSeek-V3's expert-score correction bias (``router.expert_bias`` <->
+``mlp.gate.e_score_correction_bias``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ ARCHITECTURES = {
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
 }
 """Supported ``architectures`` entry of config.json -> its ``model_type``."""
 
@@ -77,7 +80,22 @@ def ignored(hf_name: str) -> bool:
     return bool(_IGNORED.search(hf_name))
 
 
+_MLA = {"q_proj": "q_proj", "q_a_proj": "q_a_proj", "q_a_norm": "q_a_layernorm",
+        "q_b_proj": "q_b_proj", "kv_a_proj": "kv_a_proj_with_mqa", "kv_a_norm": "kv_a_layernorm",
+        "kv_b_proj": "kv_b_proj", "o_proj": "o_proj"}
+"""``MLAttention`` submodule -> its name under the Hub's ``self_attn``."""
+
+
+def _mla(cfg: ModelConfig, i: int) -> dict[str, Source]:
+    fm, hf = f"layers.{i}.attn", f"model.layers.{i}.self_attn"
+    query = ["q_proj"] if cfg.q_lora_rank is None else ["q_a_proj", "q_a_norm", "q_b_proj"]
+    return {f"{fm}.{ours}.weight": Tensor(f"{hf}.{_MLA[ours]}.weight")
+            for ours in [*query, "kv_a_proj", "kv_a_norm", "kv_b_proj", "o_proj"]}
+
+
 def _attention(cfg: ModelConfig, i: int) -> dict[str, Source]:
+    if cfg.is_mla:
+        return _mla(cfg, i)
     fm, hf = f"layers.{i}.attn", f"model.layers.{i}.self_attn"
     out: dict[str, Source] = {}
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -106,10 +124,13 @@ def _moe(cfg: ModelConfig, i: int, model_type: str) -> dict[str, Source]:
         hf = f"model.layers.{i}.mlp"
         experts = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
     out: dict[str, Source] = {f"{fm}.router.weight": Tensor(f"{hf}.gate.weight")}
+    if model_type == "deepseek_v3":
+        out[f"{fm}.router.expert_bias"] = Tensor(f"{hf}.gate.e_score_correction_bias")
     for w, proj in experts.items():
         out[f"{fm}.experts.{w}"] = PerExpert(f"{hf}.experts.{{e}}.{proj}.weight", e)
     if cfg.shared_ffn_size:
-        out.update(_mlp(f"{fm}.shared_expert.mlp", f"{hf}.shared_expert"))
+        shared = "shared_experts" if model_type == "deepseek_v3" else "shared_expert"
+        out.update(_mlp(f"{fm}.shared_expert.mlp", f"{hf}.{shared}"))
         if cfg.shared_gate:
             out[f"{fm}.shared_expert.gate.weight"] = Tensor(f"{hf}.shared_expert_gate.weight")
     return out
@@ -117,7 +138,8 @@ def _moe(cfg: ModelConfig, i: int, model_type: str) -> dict[str, Source]:
 
 def tensor_map(cfg: ModelConfig, architecture: str) -> dict[str, Source]:
     """foldmesh parameter name (``canonical``) -> its Hub tensors, for every parameter of a
-    ``Transformer(cfg)`` saved as ``architecture``. A tied ``lm_head.weight`` is the
+    ``Transformer(cfg)`` saved as ``architecture`` (and DeepSeek-V3's one checkpointed
+    buffer, ``layers.<i>.ffn.router.expert_bias``). A tied ``lm_head.weight`` is the
     embedding and has no entry."""
     model_type = ARCHITECTURES[architecture]
     out: dict[str, Source] = {"embed.weight": Tensor("model.embed_tokens.weight")}
@@ -134,3 +156,18 @@ def tensor_map(cfg: ModelConfig, architecture: str) -> dict[str, Source]:
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = Tensor("lm_head.weight")
     return out
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def mtp_layer(hf_name: str, cfg: ModelConfig, architecture: str, hf_config: dict) -> bool:
+    """Whether ``hf_name`` belongs to a DeepSeek-V3 multi-token-prediction module: the layers
+    ``num_hidden_layers`` .. ``num_hidden_layers + num_nextn_predict_layers - 1`` that
+    config.json declares. foldmesh does not load them yet (MTP is a later addition); any
+    other layer beyond the model stays an error."""
+    if ARCHITECTURES.get(architecture) != "deepseek_v3":
+        return False
+    m = _LAYER.match(hf_name)
+    extra = int(hf_config.get("num_nextn_predict_layers") or 0)
+    return m is not None and cfg.num_layers <= int(m.group(1)) < cfg.num_layers + extra

@@ -124,8 +124,10 @@ def save_pretrained(model: Transformer | Sequence[Transformer], path: str | Path
     rank calls it. Without pp, global rank 0 writes; with pp > 1 (``model`` is this rank's
     list of stages and ``mesh`` the folded mesh) the first rank of each pipeline stage
     writes the shards of that stage's parameters, and global rank 0 the index and config.
-    A tied output projection is not written (tie_word_embeddings=true). Router buffers
-    (expert bias) have no Hub counterpart and are not written.
+    A tied output projection is not written (tie_word_embeddings=true). Of the router
+    buffers only DeepSeek-V3's expert bias has a Hub counterpart (``e_score_correction_bias``,
+    written in fp32 whatever ``dtype`` says, as transformers keeps it); the others are not
+    written.
 
     Args:
         model: a whole ``Transformer``, or this rank's pipeline stages.
@@ -148,6 +150,9 @@ def save_pretrained(model: Transformer | Sequence[Transformer], path: str | Path
     config = hf_config_from(cfg, arch, getattr(first, "hf_config", None))
     sources = tensor_map(cfg, arch)
     held = {canonical(n): p for part in parts for n, p in part.named_parameters()}
+    buffers = {canonical(n): b for part in parts for n, b in part.named_buffers()
+               if canonical(n) in sources}
+    held.update(buffers)
     pp = mesh.fold.pp if mesh is not None else 1
     stage = mesh.coordinate("pp") if pp > 1 else 0
     # every rank learns which stage holds each parameter, and its size
@@ -166,8 +171,10 @@ def save_pretrained(model: Transformer | Sequence[Transformer], path: str | Path
                               "weights re-tied")
     names = list(sources)
     config["dtype"] = str(dtype or dtypes["embed.weight"]).removeprefix("torch.")
-    itemsize = {n: (dtype or getattr(torch, dtypes[n].removeprefix("torch."))).itemsize
-                for n in names}
+    own = {n: getattr(torch, dtypes[n].removeprefix("torch.")) for n in names}
+    out_dtype = {n: own[n] if dtype is None or n.endswith("router.expert_bias") else dtype
+                 for n in names}
+    itemsize = {n: out_dtype[n].itemsize for n in names}
     plan = _plan({n: sizes[n] * itemsize[n] for n in names}, owners, max_shard_bytes)
     # the first rank of each stage writes (dp = cp = tp = 0; global rank 0 for stage 0)
     leader = not _distributed() or (
@@ -184,7 +191,7 @@ def save_pretrained(model: Transformer | Sequence[Transformer], path: str | Path
             p = held[name]
             full = (p.full_tensor() if isinstance(p, DTensor) else p).detach()
             if leader and tmp is not None:
-                tensors.update(_to_hf(sources[name], full.to("cpu", dtype or full.dtype)))
+                tensors.update(_to_hf(sources[name], full.to("cpu", out_dtype[name])))
         if leader and tmp is not None and error is None:
             try:
                 file = _shard_name(k, len(plan))

@@ -91,13 +91,21 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: ``x + attn(norm(x))``, then ``+ ffn(norm(.))`` (dense or MoE)."""
+    """Pre-norm block: ``x + attn(norm(x))``, then ``+ ffn(norm(.))`` (dense or MoE).
+
+    ``attn`` is grouped-query ``Attention``, or ``MLAttention`` (``foldmesh.models.mla``) when
+    the config sets ``kv_lora_rank``."""
 
     def __init__(self, cfg: ModelConfig, layer: int, *, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, **kw)
-        self.attn = Attention(cfg, **kw)
+        if cfg.is_mla:
+            from .mla import MLAttention  # mla.py builds on this module's RMSNorm
+
+            self.attn = MLAttention(cfg, **kw)
+        else:
+            self.attn = Attention(cfg, **kw)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, **kw)
         self.is_moe = cfg.is_moe(layer)
         if self.is_moe:

@@ -55,8 +55,9 @@ class Yarn:
                 and self.original_max_position > 0):
             raise ValueError("Yarn.original_max_position must be a positive int (the "
                              f"pre-training context), got {self.original_max_position!r}")
-        if not self.beta_fast > self.beta_slow > 0:
-            raise ValueError(f"Yarn needs beta_fast > beta_slow > 0, got beta_fast="
+        # equal betas (Kimi K2's 1.0, 1.0) make the blend a step at one pair
+        if not self.beta_fast >= self.beta_slow > 0:
+            raise ValueError(f"Yarn needs beta_fast >= beta_slow > 0, got beta_fast="
                              f"{self.beta_fast}, beta_slow={self.beta_slow}")
 
     def magnitude(self) -> float:
