@@ -182,7 +182,21 @@ def _grouped_mm_weight(x, w, offsets, want):
     return None
 
 
-def bench_gemm(bench, shape, tokens, skew, dtype, proj, gen) -> list[dict]:
+def gemm_times(bench, shape, tokens, skew, dtype, proj, gen, backends=("triton",),
+               extras=("dense", "_grouped_mm")) -> dict:
+    """Check, then time one grouped GEMM projection for each backend (and the extras).
+
+    Args:
+        proj: "up" (K = H, M = 2F) or "down" (K = F, M = H).
+        backends: foldmesh.kernels backends; each is checked forward and backward against
+            the "torch" reference before it is timed.
+        extras: "dense" (one cuBLAS GEMM of the same FLOPs) and "_grouped_mm" (the raw
+            ``torch._grouped_mm`` call, where this torch has it and its layout rules allow).
+
+    Returns:
+        ``{"k", "m", "groups", "rows", "flops", "fwd": {name: ms}, "fwd+bwd": {name: ms}}``;
+        flops is the forward's (dropless: every row is real); NaN where a time is missing.
+    """
     from foldmesh.kernels import grouped_gemm
 
     dev = bench.device
@@ -198,53 +212,64 @@ def bench_gemm(bench, shape, tokens, skew, dtype, proj, gen) -> list[dict]:
     dy = randn(n_rows, m_dim, gen=gen, dtype=dtype)
 
     # Verify forward and both gradients against the torch reference before timing.
-    y = grouped_gemm(x, w, offsets, backend="triton")
     want = _ref_gemm(x, w, offsets)
-    check(f"grouped_gemm {proj}", y, want)
-    y.backward(dy)
-    got = (x.grad, w.grad)
-    x.grad = w.grad = None
     want.backward(dy)
-    check(f"grouped_gemm {proj} dx", got[0], x.grad)
-    check(f"grouped_gemm {proj} dw", got[1], w.grad)
-    x.grad = w.grad = y = got = None
+    want_dx, want_dw = x.grad, w.grad
+    x.grad = w.grad = None
     want = want.detach()
+    for backend in (b for b in backends if b != "torch"):
+        y = grouped_gemm(x, w, offsets, backend=backend)
+        check(f"grouped_gemm {proj} ({backend})", y, want)
+        y.backward(dy)
+        check(f"grouped_gemm {proj} dx ({backend})", x.grad, want_dx)
+        check(f"grouped_gemm {proj} dw ({backend})", w.grad, want_dw)
+        x.grad = w.grad = y = None
+    want_dx = want_dw = None
 
     def fwd_bwd(fn, leaves):
         return bench.time_ms(lambda: fn().backward(dy), grad_to_none=leaves)
 
     xs = bench.rotated(lambda: (x.detach().clone(),), x.numel() * x.element_size())
-    a = x.detach().clone().requires_grad_()
-    b = randn(k_dim, m_dim, gen=gen, dtype=dtype, scale=k_dim**-0.5).requires_grad_()
-    offs32 = offsets.to(torch.int32)
-    w_gm = _grouped_mm_weight(x.detach(), w.detach(), offs32, want)
-    w_gm = w_gm.detach().requires_grad_() if w_gm is not None else None
     nan = math.nan
+    fwd, both = {}, {}
     with torch.no_grad():
-        fwd = {
-            "triton": bench.time_ms(lambda: grouped_gemm(xs()[0], w, offsets, backend="triton")),
-            "dense": bench.time_ms(lambda: xs()[0] @ b),
-            "_grouped_mm": nan if w_gm is None else
-            bench.time_ms(lambda: torch._grouped_mm(xs()[0], w_gm, offs=offs32)),
-        }  # fmt: skip
-    both = {
-        "triton": fwd_bwd(lambda: grouped_gemm(x, w, offsets, backend="triton"), [x, w]),
-        "dense": fwd_bwd(lambda: a @ b, [a, b]),
-        "_grouped_mm": nan,
-    }
-    if w_gm is not None:
-        try:
-            both["_grouped_mm"] = fwd_bwd(lambda: torch._grouped_mm(x, w_gm, offs=offs32),
-                                          [x, w_gm])  # fmt: skip
-        except RuntimeError:  # no autograd formula for it in this torch build
-            pass
+        for backend in backends:
+            fwd[backend] = bench.time_ms(
+                lambda b=backend: grouped_gemm(xs()[0], w, offsets, backend=b))
+    for backend in backends:
+        both[backend] = fwd_bwd(lambda b=backend: grouped_gemm(x, w, offsets, backend=b), [x, w])
+    if "dense" in extras:
+        a = x.detach().clone().requires_grad_()
+        b = randn(k_dim, m_dim, gen=gen, dtype=dtype, scale=k_dim**-0.5).requires_grad_()
+        with torch.no_grad():
+            fwd["dense"] = bench.time_ms(lambda: xs()[0] @ b)
+        both["dense"] = fwd_bwd(lambda: a @ b, [a, b])
+        a = b = None
+    if "_grouped_mm" in extras:
+        offs32 = offsets.to(torch.int32)
+        w_gm = _grouped_mm_weight(x.detach(), w.detach(), offs32, want)
+        w_gm = w_gm.detach().requires_grad_() if w_gm is not None else None
+        fwd["_grouped_mm"] = both["_grouped_mm"] = nan
+        if w_gm is not None:
+            with torch.no_grad():
+                fwd["_grouped_mm"] = bench.time_ms(
+                    lambda: torch._grouped_mm(xs()[0], w_gm, offs=offs32))
+            try:
+                both["_grouped_mm"] = fwd_bwd(lambda: torch._grouped_mm(x, w_gm, offs=offs32),
+                                              [x, w_gm])  # fmt: skip
+            except RuntimeError:  # no autograd formula for it in this torch build
+                pass
+    return {"k": k_dim, "m": m_dim, "groups": shape.experts, "rows": n_rows,
+            "flops": 2 * n_rows * k_dim * m_dim, "fwd": fwd, "fwd+bwd": both}
 
-    flops = 2 * n_rows * k_dim * m_dim  # dropless: every row is real
+
+def bench_gemm(bench, shape, tokens, skew, dtype, proj, gen) -> list[dict]:
+    times = gemm_times(bench, shape, tokens, skew, dtype, proj, gen)
     rows = []
-    for mode, times in (("fwd", fwd), ("fwd+bwd", both)):
-        total = flops * (3 if mode == "fwd+bwd" else 1)
-        tflops = {name: total / t / 1e9 for name, t in times.items()}
-        rows.append({"op": f"gemm {proj} {mode}", "triton ms": times["triton"],
+    for mode in ("fwd", "fwd+bwd"):
+        total = times["flops"] * (3 if mode == "fwd+bwd" else 1)
+        tflops = {name: total / t / 1e9 for name, t in times[mode].items()}
+        rows.append({"op": f"gemm {proj} {mode}", "triton ms": times[mode]["triton"],
                      "TFLOP/s": tflops["triton"],
                      "_grouped_mm TFLOP/s": tflops["_grouped_mm"],
                      "dense TFLOP/s": tflops["dense"],
