@@ -11,7 +11,9 @@
    are smaller than the hidden states (``apply_tp_mla``). TP comes first because it swaps
    ``nn.Linear`` weights for DTensors, which the later steps must see.
 2. **Context parallelism** over ``fm["cp"]``: each rank keeps two load-balanced sequence
-   chunks (see ``foldmesh._sequence``); attention all-gathers K/V over cp.
+   chunks (see ``foldmesh._sequence``); attention all-gathers K/V over cp, Multi-head
+   Latent Attention the latent and the RoPE key instead (``apply_cp``). It comes after TP
+   because the latent it gathers over cp is the one TP has already gathered over tp.
 3. **MoE folding** (``foldmesh.moe.apply_moe_parallel``): each MoE layer takes the rank's
    tokens onto the MoE view, experts over ep and FFN over etp.
 4. **Activation checkpointing** per block (optional): it wraps what the earlier steps built,
@@ -47,7 +49,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from ._context_parallel import ContextParallelAttention
+from ._context_parallel import ContextParallelAttention, LatentExchange
 from ._fold import FoldError
 from ._mesh import FoldedMesh
 from ._sequence import _cp_chunks, check_sequence, local_positions, local_tokens
@@ -79,8 +81,7 @@ def parallelize(model: Transformer, fm: FoldedMesh, *, dispatcher: str = "alltoa
 
     Raises:
         FoldError: a size the fold cannot split, a whole model with pp > 1 (or a stage with
-            pp = 1), tp > 1 without sequence parallelism, or cp > 1 with Multi-head Latent
-            Attention (not implemented yet).
+            pp = 1), or tp > 1 without sequence parallelism.
     """
     check_model(model, fm, sequence_parallel)
     if activation_checkpoint not in AC_MODES:
@@ -89,8 +90,7 @@ def parallelize(model: Transformer, fm: FoldedMesh, *, dispatcher: str = "alltoa
     if fm.fold.tp > 1:
         apply_tp(model, fm)
     if fm.fold.cp > 1:
-        for block in model.layers.values():
-            block.attn.core = ContextParallelAttention(fm)
+        apply_cp(model, fm)
     for block in model.layers.values():
         if block.is_moe:
             apply_moe_parallel(block.ffn, fm, dispatcher=dispatcher)
@@ -124,11 +124,6 @@ def check_model(model: Transformer, fm: FoldedMesh, sequence_parallel: bool = Tr
             f"tp = {f.tp} without sequence parallelism: every tp rank would route the same "
             "tokens through the MoE layers; keep sequence_parallel=True or set tp = 1"
         )
-    if cfg.is_mla and f.cp > 1:
-        raise FoldError(
-            f"cp = {f.cp}: context parallelism for Multi-head Latent Attention (ModelConfig."
-            f"kv_lora_rank = {cfg.kv_lora_rank}) is not implemented yet; use cp = 1 and "
-            "split the sequence over tp instead")
     for name, size in cfg.tp_split_sizes().items():
         if size % f.tp:
             raise FoldError(f"ModelConfig.{name} = {size} is not divisible by tp = {f.tp}; "
@@ -174,6 +169,26 @@ def apply_tp(model: Transformer, fm: FoldedMesh) -> None:
         parallelize_module(block, tp, plan)
         if model.config.is_mla:
             block.attn.kv_a_proj.register_forward_hook(_gather_kv_latent(block.attn.latent))
+
+
+def apply_cp(model: Transformer, fm: FoldedMesh) -> None:
+    """Context parallelism over ``fm["cp"]`` (see the module docstring, step 2).
+
+    Grouped-query attention all-gathers K and V over cp in ``core``. Multi-head Latent
+    Attention all-gathers the normalised latent and the rotated RoPE key (Rkv + Dr values per
+    token) in ``kv_exchange``, expands them with its own ``kv_b_proj`` heads on every
+    position, and ``core`` attends without a further gather. With tp > 1 the latent that
+    reaches the exchange is this cp rank's ``[b, S/cp, Rkv]``, already all-gathered over tp
+    by ``_gather_kv_latent``: the tp gather runs first, on the tp shards, and the cp gather
+    on the result (docs/placements.md, "Multi-head Latent Attention").
+    """
+    for block in model.layers.values():
+        core = ContextParallelAttention(fm)
+        if model.config.is_mla:
+            block.attn.kv_exchange = LatentExchange(fm)
+            block.attn.core = core.attend
+        else:
+            block.attn.core = core
 
 
 def _attention_plan(attn) -> dict:

@@ -18,6 +18,12 @@ splits the heads) and ``core`` computes causal attention from q, k, v; here v's 
 may differ from q's and k's, which SDPA allows. The softmax scale differs from SDPA's
 default (Dn + Dr)^-0.5 only by YaRN's factor (``ModelConfig.softmax_scale``), which is folded
 into q, so a replacement ``core`` keeps ``causal_attention``'s signature.
+
+``kv_exchange`` (None on one process) is where context parallelism hands every position's
+keys to a rank that holds only some of the queries: it maps this rank's normalised latent
+and rotated key [B, L, Rkv], [B, 1, L, Dr] to those of all S positions in natural order,
+which ``kv_b_proj`` then expands locally (``foldmesh._context_parallel.LatentExchange``);
+the ``core`` that comes with it takes q of L positions and k, v of S.
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.latent, n * (self.nope + self.v_dim), bias=False, **kw)
         self.o_proj = nn.Linear(n * self.v_dim, h, bias=False, **kw)
         self.core = causal_attention
+        self.kv_exchange = None
 
     def reset_parameters(self) -> None:
         for lin in (self.q_proj, self.q_a_proj, self.q_b_proj, self.kv_a_proj, self.kv_b_proj,
@@ -100,10 +107,13 @@ class MLAttention(nn.Module):
         q = q.view(b, n, -1, self.qk_dim).transpose(1, 2)  # [B, Hq, L, Dn + Dr]
         q_nope, q_rot = q.split([self.nope, self.rot], dim=-1)
         c, k_rot = self.kv_a_proj(x).split([self.latent, self.rot], dim=-1)  # [B, L, Rkv|Dr]
-        kv = self.kv_b_proj(self.kv_a_norm(c)).view(b, n, -1, self.nope + self.v_dim)
-        k_nope, v = kv.transpose(1, 2).split([self.nope, self.v_dim], dim=-1)  # [B, Hq, L, .]
-        q_rot = self._rope(q_rot, positions)
+        c = self.kv_a_norm(c)
         k_rot = self._rope(k_rot.unsqueeze(1), positions)  # [B, 1, L, Dr], one shared head
+        if self.kv_exchange is not None:  # every position's latent: [B, S, Rkv], [B, 1, S, Dr]
+            c, k_rot = self.kv_exchange(c, k_rot)
+        kv = self.kv_b_proj(c).view(b, c.shape[1], -1, self.nope + self.v_dim)
+        k_nope, v = kv.transpose(1, 2).split([self.nope, self.v_dim], dim=-1)  # [B, Hq, S, .]
+        q_rot = self._rope(q_rot, positions)
         q = torch.cat([q_nope, q_rot], dim=-1)
         if self.q_scale != 1.0:
             q = q * self.q_scale

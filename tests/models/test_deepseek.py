@@ -1,6 +1,6 @@
 """The DeepSeek-V3 family (DeepSeek-V3/R1, Kimi K2, Moonlight, DeepSeek-V2-Lite's shapes):
 Multi-head Latent Attention and the group-limited sigmoid router against transformers'
-DeepseekV3ForCausalLM, on one process and under folds of 4 gloo ranks (tp, ep, etp), the
+DeepseekV3ForCausalLM, on one process and under folds of 4 gloo ranks (tp, cp, ep, etp), the
 bit-exact Hugging Face round trip, and the errors.
 
 The checkpoints are tiny random transformers models saved by transformers itself: low-rank
@@ -234,13 +234,10 @@ def test_fold_errors_name_the_setting():
     fm = SimpleNamespace(fold=Fold(tp=4, ep=2).resolve(8))
     with pytest.raises(FoldError, match=r"ModelConfig.num_heads = 6 is not divisible by tp = 4"):
         check_model(model, fm)
-    fm = SimpleNamespace(fold=Fold(cp=2, ep=2).resolve(2))
-    with pytest.raises(FoldError, match="context parallelism for Multi-head Latent Attention"
-                                        ".*not implemented yet"):
-        check_model(model, fm)
+    check_model(model, SimpleNamespace(fold=Fold(cp=2, ep=2).resolve(2)))  # cp: the latent
 
 
-# ------------------------------------------------------------- parallel, 4 ranks: tp, ep, etp
+# --------------------------------------------------------- parallel, 4 ranks: tp, cp, ep, etp
 def check_parallel(fold, path, ids, labels, want_logits, want_grads):
     fm = folded_mesh(fold)
     model = from_pretrained(path, mesh=fm)
@@ -275,15 +272,17 @@ def pool4():
         yield p
 
 
-@pytest.mark.parametrize("fold", [Fold(tp=2, ep=4), Fold(tp=2, ep=2, etp=2)], ids=str)
+@pytest.mark.parametrize("fold", [Fold(tp=2, ep=4), Fold(tp=2, ep=2, etp=2),
+                                  Fold(cp=2, tp=2, ep=2, etp=2)], ids=str)
 def test_pinned_folds(pool4, reference, fold):
-    """Heads over tp 2 with the experts over ep 4 (across tp and dp), and with etp 2."""
+    """Heads over tp 2 with the experts over ep 4 (across tp and dp), with etp 2, and with
+    the sequence over cp 2 (the latent exchanged, tests/models/test_mla_cp.py)."""
     pool4.run(check_parallel, fold.resolve(4), *reference)
 
 
 @settings(max_examples=2, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(fold=folds(4, pp=(1,), max_tp=2).filter(lambda f: f.cp == 1))
+@given(fold=folds(4, pp=(1,), max_tp=2))
 def test_folds_of_4_ranks(pool4, reference, fold):
     pool4.run(check_parallel, fold, *reference)
 
