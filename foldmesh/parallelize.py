@@ -203,7 +203,7 @@ def _attention_plan(attn) -> dict:
         "attn.o_proj": RowwiseParallel(output_layouts=seq),
     }
     if attn.q_norm is not None:
-            # per-head norms on this rank's heads [b, L, heads/tp, D]: weights replicated
+        # per-head norms on this rank's heads [b, L, heads/tp, D]: weights replicated
         plan["attn.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
         plan["attn.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
     return plan
@@ -232,7 +232,9 @@ def _mla_plan(attn) -> dict:
     else:
         plan.update({"attn.q_a_proj": SequenceParallel(use_local_output=False),
                      "attn.q_a_norm": SequenceParallel(use_local_output=False),
-                     "attn.q_b_proj": ColwiseParallel()})
+                     # the latent arrives Shard(1): said so, it is all-gathered once
+                     # (backward: one reduce-scatter) before the matmul, as docs say
+                     "attn.q_b_proj": ColwiseParallel(input_layouts=seq)})
     return plan
 
 

@@ -186,8 +186,39 @@ class _Shapes:
         self.R = f.etp * self.N  # after the all-gather over etp (see moe/_dispatch.py)
 
 
+def _mla_attention(z: _Shapes, p: _Regime) -> int:
+    """Multi-head Latent Attention (cp = 1; ``foldmesh.models.mla``, ``_mla_plan``):
+    the down-projections save this rank's x [b, s, H], the up-projections the gathered
+    latents [b, L, R]; both latent norms save as RMSNorm does (kv_a_norm reads c as a view
+    of kv_a_proj's gathered output: in fp32 that whole [b, L, Rkv + Dr] storage); SDPA
+    saves q, k [b, hq, L, Dn + Dr], v (a view of kv_b_proj's output [b, L, hq·(Dn + Dv)]),
+    its output [b, hq, L, Dv] (o_proj's input is a view) and the log-sum-exp."""
+    cfg, tp = z.cfg, z.fold.tp
+    b, s, L, H, hq = z.b, z.s, z.L, cfg.hidden_size, z.hq
+    rkv, dn, dr, dv = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, \
+        cfg.v_head_dim
+    a = p.act
+    out = _norm(b * s, H, p.resid, p.resid)  # attn_norm
+    if cfg.q_lora_rank is None:
+        # q_proj saves the gathered x, kv_a_proj this rank's x (one tensor at tp = 1);
+        # under autocast each saves its own cast
+        out += b * L * H * a + (b * s * H * a if tp > 1 or p.autocast else 0)
+    else:
+        rq = cfg.q_lora_rank
+        out += (2 if p.autocast else 1) * b * s * H * a  # q_a_proj and kv_a_proj
+        out += _norm(b * s, rq, a, a) + b * L * rq * a  # q_a_norm, q_b_proj's input
+    out += 4 * L * dr * F32  # RoPE's cos and sin [L, Dr], for q and for the shared key
+    c_input = b * L * (rkv + dr) * F32 if a == F32 else b * L * rkv * F32
+    out += c_input + b * L * F32 + b * L * rkv * a  # kv_a_norm
+    out += b * L * rkv * a  # kv_b_proj's input
+    q = b * hq * L * (dn + dr) * a
+    return out + 2 * q + b * L * hq * (dn + dv) * a + b * hq * L * dv * a + b * hq * L * F32
+
+
 def _attention(z: _Shapes, p: _Regime, cp_rank: int) -> int:
     cfg, f = z.cfg, z.fold
+    if cfg.is_mla:
+        return _mla_attention(z, p)
     b, L, D, hq, hkv = z.b, z.L, z.D, z.hq, z.hkv
     out = _norm(b * z.s, cfg.hidden_size, p.resid, p.resid)  # attn_norm
     # q/k/v projections save their input [b, L, H]: one tensor (the all-gathered norm
@@ -315,7 +346,15 @@ def _cast_weights(z: _Shapes, layer: int) -> int:
     cfg, tp = z.cfg, z.fold.tp
     h, d = cfg.hidden_size, z.D
     # (biases are cast too, but addmm's backward does not save them)
-    out = h * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * d // tp
+    if cfg.is_mla:
+        hq, qk = cfg.num_heads // tp, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        rkv, dr = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        out = (h * hq * qk if cfg.q_lora_rank is None
+               else cfg.q_lora_rank * (h + hq * qk))  # q_proj, or q_a_proj and q_b_proj
+        out += h * (rkv + dr) + rkv * hq * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+        out += hq * cfg.v_head_dim * h  # o_proj
+    else:
+        out = h * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * d // tp
     if not cfg.is_moe(layer):
         return out + 3 * h * cfg.ffn_size // tp
     if cfg.shared_ffn_size:

@@ -5,7 +5,10 @@ measures the same list; ``tests/plan/test_plan_comm.py`` checks them equal, byte
 on 8 gloo ranks). Bytes follow the counter's convention: the logical payload this rank hands
 to the collective (all-gather: its input shard; reduce-scatter: the whole input; all-to-all:
 the rows it sends to the other ranks). Legend: b micro-batch, S sequence, T = b·S/(cp·tp)
-tokens of a rank, H hidden, k top-k, E experts, El = E/ep local experts, C capacity.
+tokens of a rank, H hidden, k top-k, E experts, El = E/ep local experts, C capacity; MLA
+(``ModelConfig.is_mla``): Rq, Rkv the query and key/value latent sizes, Dr the RoPE
+key's head size; under cp its latent and RoPE key are all-gathered over cp instead of K
+and V (docs/placements.md, "Multi-head Latent Attention").
 
 Per micro-batch and layer (forward; backward mirrors each one: all-gather <-> reduce-scatter
 of the same tensor, all-to-all the same rows back):
@@ -16,6 +19,9 @@ what                       collective, axis       bytes
 attention / dense MLP in   all-gather, tp         T·H (the normed sequence shard)
 o_proj / down_proj out     reduce-scatter, tp     tp·T·H (partial sums)
 K and V (cp > 1)           2 all-gathers, cp      b·(Hkv/tp)·(S/cp)·D each
+MLA query latent           all-gather, tp         T·Rq (T·H for x when no q_lora_rank)
+MLA kv latent c            all-gather, tp         T·Rkv; backward an all-reduce of tp·T·Rkv
+MLA RoPE key               all-gather, tp         T·Dr
 router losses              all-reduce, cp·tp      (E + 1 [+ b·E]) int64 when a loss is on
 router gate gradient       all-reduce, tp (bwd)   E·H (its gradient is a tp partial sum)
 expert counts (dropless)   all-gather, ep·etp     E int64
@@ -38,7 +44,8 @@ reshards after forward, i.e. pp = 1), reduce-scatters its gradients once (the la
 batch), and all-reduces over tp the gradients that are tp partial sums (norm weights);
 replication all-reduces one flat buffer per (group, dtype). The global gradient norm is one
 fp64 all-reduce over the world; the trainer adds one fp32 all-reduce of the loss over dp·cp,
-and a pipeline one over pp.
+a pipeline one over pp, and with ``expert_bias`` (DeepSeek-V3's aux-loss-free balancing)
+one of each MoE layer's E int64 counts over dp·cp·tp.
 
 Direction is the autograd engine's (see CollectiveCounter): a recomputed forward
 (activation checkpointing) is "backward"; with pp > 1 the pipeline schedule sends, receives
@@ -204,17 +211,49 @@ def step_collectives(workload: Workload, layout: Layout, rank: int = 0, *,
         _block(i, name or f"layer {i}")
 
     def _block(i, label) -> None:
-        st.pair("all_gather", "tp", tokens * h * stream, n, f"{label} attention in", ac)
+        if cfg.is_mla:
+            mla(label)
+            # cp: the normalised latent and the roped key of the rank's cp block, in the
+            # compute dtype (foldmesh/_context_parallel.py, LatentExchange)
+            st.pair("all_gather", "cp", f.tp * tokens * (cfg.kv_lora_rank +
+                    cfg.qk_rope_head_dim) * compute, n, f"{label} latent + RoPE key", ac)
+        else:
+            st.pair("all_gather", "tp", tokens * h * stream, n, f"{label} attention in", ac)
+            st.pair("all_gather", "cp", b * hkv * (s_len // f.cp) * d * compute, 2 * n,
+                    f"{label} K/V", ac)
+        # NOTE: measured (torch 2.13, trainer and dry run): under full AC the replay of an
+        # MLA block issues no o_proj reduce-scatter; why is not established (see
+        # docs/planner.md, "Multi-head Latent Attention")
         st.pair("reduce_scatter", "tp", f.tp * tokens * h * compute, n,
-                f"{label} attention out", ac)
-        st.pair("all_gather", "cp", b * hkv * (s_len // f.cp) * d * compute, 2 * n,
-                f"{label} K/V", ac)
+                f"{label} attention out", ac and not cfg.is_mla)
         if not cfg.is_moe(i):
             st.pair("all_gather", "tp", tokens * h * stream, n, f"{label} MLP in", ac)
             st.pair("reduce_scatter", "tp", f.tp * tokens * h * compute, n,
                     f"{label} MLP out", ac)
             return
         moe(i, label)
+
+    def mla(label: str) -> None:
+        # parallelize._mla_plan: the down-projections run on the rank's T tokens and the
+        # latents are all-gathered (their backward reduce-scatters); without q_lora_rank
+        # q_proj gathers x itself. The query latent leaves q_a_norm (fp32 weight times its
+        # input under autocast): the stream dtype, like x.
+        if cfg.q_lora_rank is None:
+            st.pair("all_gather", "tp", tokens * h * stream, n, f"{label} attention in", ac)
+        else:
+            st.pair("all_gather", "tp", tokens * cfg.q_lora_rank * stream, n,
+                    f"{label} query latent", ac)
+        # kv_a_proj's output (a linear's: compute dtype) in two all-gathers: the latent c,
+        # whose gradient comes back complete from kv_b_proj (all-reduced over tp there, in
+        # kv_a_norm's output dtype, then sliced: nothing on the way back), and the RoPE key,
+        # whose gradient is a partial sum over this rank's heads (reduce-scattered)
+        rkv, dr = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        for direction in ("forward", "backward")[:2 if ac else 1]:
+            st.add("all_gather", "tp", direction, tokens * rkv * compute, n,
+                   f"{label} kv latent" + (" (recomputed)" if direction == "backward" else ""))
+        st.add("all_reduce", "tp", "backward", f.tp * tokens * rkv * stream, n,
+               f"{label} kv latent (grad)")
+        st.pair("all_gather", "tp", tokens * dr * compute, n, f"{label} RoPE key", ac)
 
     def moe(i: int, label: str) -> None:
         rc = cfg.router_config()
@@ -295,6 +334,9 @@ def step_collectives(workload: Workload, layout: Layout, rank: int = 0, *,
         st.add("all_reduce", "dp_cp", "forward", FP32, 1, "trainer loss", "step", always=True)
         if f.pp > 1:
             st.add("all_reduce", "pp", "forward", FP32, 1, "pipeline loss", "step")
+        if cfg.expert_bias:  # Router.update_expert_bias after the optimizer step
+            st.add("all_reduce", "dp_cp_tp", "forward", cfg.num_experts * INT64,
+                   sum(cfg.is_moe(i) for i in held), "expert bias counts", "step")
     return st.out
 
 

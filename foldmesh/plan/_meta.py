@@ -171,7 +171,16 @@ class _MetaMode(TorchFunctionMode):
 def _flash_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                      enable_gqa=False):
     """q [B, Hq, L, D], k/v [B, Hkv, Lk, D] -> [B, Hq, L, D]; foldmesh's masks are causal
-    (top-left, or ``causal_lower_right`` under cp), which changes no shape."""
+    (top-left, or ``causal_lower_right`` under cp), which changes no shape.
+
+    Multi-head Latent Attention's v heads [B, Hq, Lk, Dv] are smaller than q's and k's,
+    which flash attention does not take (it needs one head size): CUDA runs the
+    memory-efficient kernel then, and so does this (it saves the same q, k, v, output and
+    log-sum-exp, the latter padded to a multiple of 32 positions)."""
+    if v.shape[-1] != q.shape[-1]:
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, dropout_p, True, scale=scale)
+        return out[0]
     out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, True, False,
                                                              scale=scale)
     return out[0]

@@ -12,6 +12,11 @@ q/k/v projections, dense and shared-expert  output dim over tp (column-parallel)
 gate/up
 ``o_proj``, dense and shared ``down_proj``  input dim over tp (row-parallel)
 norms, q/k norms, shared-expert gate        replicated over tp (gradient a tp partial sum)
+MLA ``q_b_proj``, ``kv_b_proj``             output dim over tp (column-parallel, heads)
+MLA ``q_a_proj``, ``kv_a_proj``,            replicated over tp (sequence-parallel: gradient
+``q_a_norm``                                a tp partial sum)
+MLA ``kv_a_norm``                           plain tensor on the gathered latent (the same
+                                            gradient on every tp rank: not a partial sum)
 router gate [E, H]                          replicated (gradient all-reduced over tp)
 experts ``w_gate``/``w_up`` [E, H, F]       [E/ep, H, F/etp]
 experts ``w_down`` [E, F, H]                [E/ep, F/etp, H]
@@ -39,7 +44,8 @@ from ..pipeline._split import split_layers, stage_indices
 from ._workload import Layout, rank_coordinates
 
 _COLWISE = ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight",
-            "v_proj.bias", "gate_proj.weight", "up_proj.weight")
+            "v_proj.bias", "gate_proj.weight", "up_proj.weight",
+            "q_b_proj.weight", "kv_b_proj.weight")  # MLA's up-projections split the heads
 _ROWWISE = ("o_proj.weight", "down_proj.weight")
 
 
@@ -102,8 +108,10 @@ def _shard(name: str, shape: tuple[int, ...], fold: Fold) -> tuple[tuple[int, ..
     if name.endswith(_ROWWISE) and fold.tp > 1:
         s[1] //= fold.tp
         return tuple(s), False, False
-    router = name.endswith("router.weight")
-    return tuple(s), False, fold.tp > 1 and not router
+    # the router's gradient is all-reduced in backward; MLA's kv_a_norm runs on the whole
+    # gathered latent (foldmesh.parallelize._gather_kv_latent): complete on every tp rank
+    whole = name.endswith(("router.weight", "kv_a_norm.weight"))
+    return tuple(s), False, fold.tp > 1 and not whole
 
 
 def stages_of(cfg: ModelConfig, layout: Layout, pp_rank: int) -> tuple[tuple[int, range], ...]:

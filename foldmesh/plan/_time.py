@@ -185,11 +185,14 @@ def layer_work(cfg: ModelConfig, fold: Fold, workload: Workload, micro_batch: in
     d, hq, hkv = cfg.resolved_head_dim, cfg.num_heads, cfg.num_kv_heads
     seq = micro_batch * s / fold.cp  # tokens of the rank's cp block
     t = seq / fold.tp  # the rank's own tokens
-    gemms = [(*_gemm(seq, (hq + 2 * hkv) * d / fold.tp, h, half), None),  # q, k, v
-             (*_gemm(seq, h, hq * d / fold.tp, half), None)]  # o
-    core = 2 * micro_batch * s * s * d * hq / (fold.cp * fold.tp)  # causal QK^T and AV
-    # norms, RoPE, residual adds, attention's softmax traffic: element reads and writes
-    elements = 10 * t * h + 4 * seq * (hq + hkv) * d / fold.tp
+    if cfg.is_mla:
+        gemms, core, elements = _mla_work(cfg, fold, micro_batch, s, half)
+    else:
+        gemms = [(*_gemm(seq, (hq + 2 * hkv) * d / fold.tp, h, half), None),  # q, k, v
+                 (*_gemm(seq, h, hq * d / fold.tp, half), None)]  # o
+        core = 2 * micro_batch * s * s * d * hq / (fold.cp * fold.tp)  # causal QK^T and AV
+        # norms, RoPE, residual adds, attention's softmax traffic: element reads and writes
+        elements = 10 * t * h + 4 * seq * (hq + hkv) * d / fold.tp
     permute = 0.0
     if cfg.is_moe(layer):
         k, f = cfg.topk, cfg.expert_ffn_size
@@ -215,6 +218,36 @@ def layer_work(cfg: ModelConfig, fold: Fold, workload: Workload, micro_batch: in
         gemms += [(*_gemm(seq, h, cfg.ffn_size / fold.tp, half), None)]
         elements += 3 * seq * cfg.ffn_size / fold.tp
     return _split(gemms, core, elements, permute, e)
+
+
+def _mla_work(cfg: ModelConfig, fold: Fold, micro_batch: int, s: int, half: float
+              ) -> tuple[list, float, float]:
+    """Multi-head Latent Attention's GEMMs, causal core and element traffic on one rank
+    (cp = 1; ``parallelize._mla_plan``): the down-projections run on the rank's own t
+    tokens with whole weights, the up-projections and o_proj on the gathered sequence with
+    this rank's Hq/tp heads. Legend: Rq, Rkv latent sizes, Dn, Dr, Dv head sizes."""
+    h, hq, tp = cfg.hidden_size, cfg.num_heads / fold.tp, fold.tp
+    rkv, dn, dr, dv = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, \
+        cfg.v_head_dim
+    seq = micro_batch * s / fold.cp
+    t = seq / tp
+    if cfg.q_lora_rank is None:
+        gemms = [(*_gemm(seq, hq * (dn + dr), h, half), None)]  # q_proj
+        latents = 0.0
+    else:
+        rq = cfg.q_lora_rank
+        gemms = [(*_gemm(t, rq, h, half), None),  # q_a_proj
+                 (*_gemm(seq, hq * (dn + dr), rq, half), None)]  # q_b_proj
+        latents = t * rq  # q_a_norm
+    gemms += [(*_gemm(t, rkv + dr, h, half), None),  # kv_a_proj
+              (*_gemm(seq, hq * (dn + dv), rkv, half), None),  # kv_b_proj
+              (*_gemm(seq, h, hq * dv, half), None)]  # o_proj
+    # causal QK^T over Dn + Dr and AV over Dv (foldmesh.train.flops counts the same)
+    core = micro_batch * s * s * hq * (dn + dr + dv) / fold.cp
+    # norms and residual adds on the rank's tokens; kv_a_norm on the gathered latent;
+    # RoPE, the q/k concatenations and the softmax traffic on this rank's heads
+    elements = 10 * t * h + 4 * (latents + seq * rkv) + 8 * seq * hq * (dn + dr)
+    return gemms, core, elements
 
 
 def head_work(cfg: ModelConfig, fold: Fold, workload: Workload, micro_batch: int,

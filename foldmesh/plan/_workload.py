@@ -54,10 +54,6 @@ class Workload:
     expert_imbalance: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.model.is_mla:
-            raise FoldError("the planner does not model Multi-head Latent Attention yet (its "
-                            "FLOPs, saved tensors and collectives differ from grouped-query "
-                            "attention's); it would give wrong numbers for this model")
         if not self.expert_imbalance >= 1.0:
             raise FoldError(f"Workload.expert_imbalance must be >= 1 (max over mean expert "
                             f"load; 1 = balanced), got {self.expert_imbalance!r}")

@@ -290,3 +290,24 @@ def test_an_explicit_pipeline_split():
                                    p2p=False)
         assert bytes_by(planned, r.fold) == r.collectives
         assert r.param_bytes == state_bytes(r.workload, r.layout, rank)[0]
+
+
+@pytest.mark.parametrize("mode, ac", [("fsdp", "full"), ("replicate", "none")])
+def test_multi_head_latent_attention(mode, ac):
+    """A DeepSeek-style model (MLA without a query latent, as DeepSeek-V2-Lite; cp = 1, MLA
+    under cp is refused): the latents are gathered over tp, v heads (6) smaller than q/k's
+    (12) run as the memory-efficient kernel on meta, and the counted bytes, calls and
+    weights equal the planner's on both stages."""
+    model = preset("debug-deepseek", q_lora_rank=None)
+    for rank in (0, 15):
+        r = run(dict(tp=2, ep=4, pp=2), rank=rank, model=model, data_parallel=mode,
+                activation_checkpoint=ac)
+        # kv_b_proj [Hq·(Dn + Dv), Rkv] = [56, 12]: heads over tp, then FSDP over dp = 4
+        kv_b = next(p.shape for p in r.params if p.name.endswith("attn.kv_b_proj.weight"))
+        assert kv_b == ((7, 12) if mode == "fsdp" else (28, 12))
+        planned = step_collectives(r.workload, r.layout, rank, microbatches=1, trainer=False,
+                                   p2p=False)
+        assert bytes_by(planned, r.fold) == r.collectives, (mode, rank)
+        assert counts_by(planned, r.fold) == r.counts, (mode, rank)
+        assert r.param_bytes == state_bytes(r.workload, r.layout, rank)[0]
+        assert r.counts[("all_reduce", "tp", "backward")] >= 1  # c's gradient

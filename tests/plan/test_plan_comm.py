@@ -38,6 +38,18 @@ QWEN = ["--model.overrides.first_k_dense", "1", "--model.overrides.ffn_size", "6
         "--model.overrides.shared_ffn_size", "64", "--model.overrides.shared_gate", "true",
         "--model.overrides.qkv_bias", "true"]
 
+# DeepSeek-V3's attention (Multi-head Latent Attention, low-rank query) and routing (sigmoid
+# scores in expert groups, the aux-loss-free bias) on the same sizes; cp stays 1 (MLA under
+# cp is refused)
+DEEPSEEK = ["--model.preset", "debug-deepseek", "--model.overrides.vocab_size", "256"]
+# DeepSeek-V2-Lite's plain query (x gathered for q_proj; TOML has no None to drop
+# debug-deepseek's q_lora_rank), shrunk to the same sizes
+V2_LITE = ["--model.preset", "deepseek-v2-lite", "--model.overrides.vocab_size", "256",
+           *(f"--model.overrides.{k}={v}" for k, v in (
+               ("num_heads", 4), ("num_kv_heads", 4), ("ffn_size", 48), ("num_experts", 8),
+               ("topk", 2), ("shared_ffn_size", 16), ("kv_lora_rank", 12),
+               ("qk_nope_head_dim", 8), ("qk_rope_head_dim", 4), ("v_head_dim", 6)))]
+
 
 @pytest.fixture(scope="module")
 def pool():
@@ -152,6 +164,31 @@ PINNED = [
 @pytest.mark.parametrize("fold,data_parallel,kw", PINNED, ids=lambda v: repr(v)[:40])
 def test_pinned_folds(pool, tmp_path, fold, data_parallel, kw):
     check(pool, make_config(fold, data_parallel, tmp_path, **kw))
+
+
+MLA = [
+    # the latents gathered over tp, etp = tp; a dense first layer then an MoE one
+    (Fold(tp=2, ep=4, etp=2), "fsdp", dict(extra=DEEPSEEK)),
+    # replication in bf16 (autocast: the query latent and c's gradient stay fp32, kv_a_proj's
+    # output is bf16), with the recomputed forward's gathers
+    (Fold(tp=2, ep=2), "replicate", dict(ac="full", extra=[*DEEPSEEK, "--training.dtype",
+                                                           "bf16"])),
+    # no q_lora_rank (x gathered for q_proj, as DeepSeek-V2-Lite), two stages, the replay
+    (Fold(pp=2, tp=2, ep=4), "fsdp", dict(ac="full", extra=V2_LITE, micro=1)),
+    # context parallel: the latent and the RoPE key all-gathered over cp, not K and V
+    (Fold(cp=2, tp=2, ep=2, etp=2), "fsdp", dict(extra=DEEPSEEK)),
+]
+
+
+@pytest.mark.parametrize("fold,data_parallel,kw", MLA, ids=lambda v: repr(v)[:40])
+def test_multi_head_latent_attention(pool, tmp_path, fold, data_parallel, kw):
+    q_lora = "debug-deepseek" in kw["extra"]
+    cfg = make_config(fold, data_parallel, tmp_path, **kw)
+    results = check(pool, cfg)
+    workload, layout = from_train_config(cfg, WORLD, "cpu")
+    assert workload.model.is_mla and (workload.model.q_lora_rank is None) == (not q_lora)
+    # the latents, not x, cross tp in forward on every rank that runs attention
+    assert all(r["counts"][("all_reduce", "tp", "backward")] > 0 for r in results)
 
 
 @pytest.mark.parametrize("data_parallel", ["fsdp", "replicate"])
