@@ -121,9 +121,11 @@ class MoE(nn.Module):
                              else route.counts.new_zeros(()))
         # The router read the tokens as they came (in its own dtype); the routed copies, the
         # collectives that carry them and the experts run in the compute dtype. The combine
-        # weights stay the router's fp32: unpermute accumulates in fp32 and rounds once.
+        # weights keep at least the router's fp32 (fp64 for a float64 model, so that their
+        # gradient is not rounded to fp32): unpermute accumulates in fp32 and rounds once.
         routed = tokens.to(token_dtype(tokens))
-        out = self.dispatcher(self, routed, route.probs, route.indices)
+        probs = route.probs.to(torch.promote_types(route.probs.dtype, tokens.dtype))
+        out = self.dispatcher(self, routed, probs, route.indices)
         if self.shared_expert is not None:
             out = out + self.shared_expert(routed)
         return out.reshape(shape)
