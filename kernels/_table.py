@@ -44,6 +44,9 @@ _REQUIRED = ("family", "device", "date", "torch", "triton", "op", "k", "n", "gro
 # One measured shape and routing per (family, op, ...) key: a newer measurement replaces it.
 _KEY = ("family", "op", "k", "n", "groups", "rows", "routing")
 _cache: dict[str, tuple[tuple[int, int], list[dict]]] = {}
+# measured_backend's answers: it runs on every grouped GEMM call of an "auto" run, so a shape
+# is looked up once per process (and table file); record() forgets them
+_choices: dict[tuple, str | None] = {}
 
 
 def device_family(device: torch.device) -> str:
@@ -117,6 +120,13 @@ def measured_backend(op: str, device: torch.device, *, k: int, n: int, groups: i
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}: the table covers {OPS}")
     family = device_family(device)
+    key = (str(TABLE_PATH), family, op, k, n, groups, rows)
+    if key not in _choices:
+        _choices[key] = _nearest_best(op, family, k, n, groups, rows)
+    return _choices[key]
+
+
+def _nearest_best(op: str, family: str, k: int, n: int, groups: int, rows: int) -> str | None:
     mine = [r for r in _load(TABLE_PATH) if r["family"] == family]
     candidates = [r for r in mine if r["op"] == op]
     if not candidates and op == "swiglu_experts":
@@ -181,4 +191,5 @@ def record(rows: list[dict], path: str | os.PathLike | None = None) -> Path:
         os.unlink(tmp)
         raise
     _cache.pop(str(path), None)
+    _choices.clear()
     return path
