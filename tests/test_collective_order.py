@@ -49,7 +49,7 @@ def pool():
         yield p
 
 
-@settings(max_examples=3, deadline=None, database=None)
+@settings(max_examples=2, deadline=None, database=None)
 @given(fold=folds(WORLD, pp=(1, 2), max_tp=2), dp=st.sampled_from(["fsdp", "replicate"]),
        ac=st.sampled_from(["none", "full"]))
 def test_every_group_issues_the_same_sequence(pool, tmp_path_factory, fold, dp, ac):

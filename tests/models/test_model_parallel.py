@@ -145,7 +145,7 @@ def check_model(fold, name, dp_mode, b, m, seed, dispatcher, ac, aux=False, shar
     assert_close_to_reference(grad_norm(model, fm), 0.25 * want, name="clipped norm", rtol=1e-5)
 
 
-@settings(max_examples=10, deadline=None,
+@settings(max_examples=7, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(fold=folds(WORLD, pp=(1,), max_tp=2), name=st.sampled_from(sorted(MODELS)),
        dp_mode=st.sampled_from(["fsdp_readme", "fsdp", "replicate"]),

@@ -177,7 +177,7 @@ def _fits(schedule, spr, n):
     return True
 
 
-@settings(max_examples=12, deadline=None,
+@settings(max_examples=7, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(fold=folds(WORLD, pp=(2,), max_tp=2), name=st.sampled_from(sorted(MODELS)),
        pipe=pipelines(), m=st.integers(1, 2), seq=st.integers(1, 2),

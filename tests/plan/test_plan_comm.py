@@ -128,7 +128,7 @@ def check(pool, cfg) -> list[dict]:
     return results
 
 
-@settings(max_examples=10, deadline=None, database=None)
+@settings(max_examples=6, deadline=None, database=None)
 @given(fold=folds(WORLD, pp=(1, 2), max_tp=4),
        data_parallel=st.sampled_from(["fsdp", "replicate"]),
        ac=st.sampled_from(["none", "full"]), two_micro=st.booleans())

@@ -111,7 +111,7 @@ def test_fsdp_step_matches_replicated_step(pool, fold, tmp_path):
     assert norm == pytest.approx(want_norm, rel=1e-5)
 
 
-@settings(max_examples=20, deadline=None, database=None)  # database: write nothing to the repo
+@settings(max_examples=10, deadline=None, database=None)  # database: write nothing to the repo
 @given(fold=folds(WORLD, pp=(1, 2), max_tp=MAX_TP),
        data_parallel=st.sampled_from(["fsdp", "replicate"]))
 def test_one_step_on_any_fold(pool, tmp_path_factory, fold, data_parallel):
